@@ -1,0 +1,31 @@
+"""Sonett: a hybrid transformer language model that is native to the Hugging Face ecosystem.
+
+Importing the package registers Sonett with the transformers Auto classes, and marks each class for
+remote code so that `save_pretrained` writes a folder that loads with `trust_remote_code=True` anywhere.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from .cache_sonett import SonettCache
+from .configuration_sonett import LAYER_KINDS, SonettConfig
+from .modeling_sonett import SonettForCausalLM, SonettModel, SonettPreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register("sonett", SonettConfig, exist_ok=True)
+AutoModel.register(SonettConfig, SonettModel, exist_ok=True)
+AutoModelForCausalLM.register(SonettConfig, SonettForCausalLM, exist_ok=True)
+AutoTokenizer.register(SonettConfig, tokenizer_class=PreTrainedTokenizerFast, exist_ok=True)
+
+SonettConfig.register_for_auto_class()
+SonettModel.register_for_auto_class("AutoModel")
+SonettForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "LAYER_KINDS",
+    "SonettCache",
+    "SonettConfig",
+    "SonettForCausalLM",
+    "SonettModel",
+    "SonettPreTrainedModel",
+]

@@ -1,0 +1,134 @@
+"""Softmax attention mixer for the `full_attention` and `sliding_attention` layer kinds.
+
+Causal multi-head attention with grouped key/value heads and RoPE, dispatched through transformers'
+attention interface (`eager`, `sdpa`, `flex_attention`, or any registered kernel). The two kinds differ
+only in their mask and their cache layer; a sliding layer also passes its window to the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_sonett import SonettConfig
+from .layers_sonett import apply_rotary_pos_emb
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """`(batch, kv_heads, seq, head_dim)` -> `(batch, kv_heads * n_rep, seq, head_dim)`."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, seq_len, head_dim = hidden_states.shape
+    expanded = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq_len, head_dim)
+    return expanded.reshape(batch, kv_heads * n_rep, seq_len, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention in plain PyTorch.
+
+    query `(batch, heads, q_len, head_dim)`, key/value `(batch, kv_heads, kv_len, head_dim)`, attention_mask an
+    additive float mask `(batch, 1, q_len, kv_len)` or None. Returns the output `(batch, q_len, heads, head_dim)`
+    and the probabilities `(batch, heads, q_len, kv_len)`.
+    """
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, probs
+
+
+class SonettAttention(nn.Module):
+    """Causal grouped-query softmax attention with RoPE (`full_attention` / `sliding_attention`)."""
+
+    def __init__(self, config: SonettConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.kind = config.layer_types[layer_idx]
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.sliding_window = config.sliding_window if self.kind == "sliding_attention" else None
+
+        q_width = config.num_attention_heads * self.head_dim
+        kv_width = config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.attention_bias)
+
+    @staticmethod
+    def build_mask(kind: str, **mask_kwargs) -> torch.Tensor | None:
+        """The mask of one layer kind, in the format the configured attention backend expects."""
+        builder = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        return builder(**mask_kwargs)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend causally over the cached past plus the new tokens.
+
+        Args:
+            hidden_states: `(batch, seq, hidden_size)`, the normed residual stream.
+            position_embeddings: RoPE `(cos, sin)`, each `(batch, seq, head_dim)`.
+            attention_mask: the kind's mask from `build_mask` (4-D, a BlockMask, or None for plain causal sdpa).
+            cache: a `SonettCache`; this layer's keys and values are appended to it.
+
+        Returns:
+            The output `(batch, seq, hidden_size)` and the attention probabilities (eager only, else None).
+        """
+        input_shape = hidden_states.shape[:-1]
+        head_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        output = self.o_proj(output.reshape(*input_shape, -1).contiguous())
+        return output, weights
+
+
+__all__ = ["SonettAttention", "eager_attention_forward"]

@@ -1,0 +1,198 @@
+"""Sonett configuration.
+
+`layer_types` holds one entry per decoder layer and alone decides, for each layer, which mixer module is
+built, which attention mask it receives and which cache-layer class holds its decoding state.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+# Layer kinds implemented so far. A new kind needs one mixer module (registered in modeling_sonett.py) and one
+# cache-layer class (registered in cache_sonett.py), plus its name here.
+LAYER_KINDS: tuple[str, ...] = ("full_attention", "sliding_attention")
+# RoPE types whose inverse frequencies are fixed at init (the dynamic kinds rescale at run time; not supported).
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "yarn", "llama3")
+
+
+@strict
+class SonettConfig(PreTrainedConfig):
+    r"""Configuration of a Sonett decoder.
+
+    Args:
+        vocab_size: Number of tokens in the vocabulary.
+        hidden_size: Width of the residual stream.
+        intermediate_size: Width of the SwiGLU MLP.
+        num_hidden_layers: Number of decoder layers.
+        num_attention_heads: Query heads in the softmax-attention layers.
+        num_key_value_heads: Key/value heads (grouped-query attention); defaults to `num_attention_heads`.
+        head_dim: Width of one head; defaults to `hidden_size // num_attention_heads`.
+        hidden_act: Activation of the gated MLP.
+        max_position_embeddings: Longest sequence the model is trained for (used by scaled RoPE types).
+        initializer_range: Standard deviation of the normal weight initialisation.
+        rms_norm_eps: Epsilon of every RMSNorm.
+        use_cache: Whether `forward` returns a `SonettCache` at inference.
+        pad_token_id / bos_token_id / eos_token_id: Special token ids (must lie inside the vocabulary).
+        tie_word_embeddings: Share the input embedding with the output projection.
+        rope_parameters: RoPE settings, either one flat dict or one dict per layer kind
+            (`{"full_attention": {...}, "sliding_attention": {...}}`, as Gemma 3 does).
+        attention_bias: Bias on the q/k/v/o projections.
+        attention_dropout: Dropout on attention probabilities during training.
+        mlp_bias: Bias on the MLP projections.
+        sliding_window: Keys a `sliding_attention` query can see, itself included.
+        layer_types: One kind per layer, from `LAYER_KINDS`. Defaults to three sliding layers per full one.
+
+    Example:
+        >>> from sonett import SonettConfig, SonettForCausalLM
+        >>> config = SonettConfig(num_hidden_layers=4, layer_types=["sliding_attention"] * 3 + ["full_attention"])
+        >>> model = SonettForCausalLM(config)
+    """
+
+    model_type = "sonett"
+    keys_to_ignore_at_inference = ["cache"]
+    default_theta = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
+    base_model_tp_plan = {
+        "layers.*.mixer.q_proj": "colwise",
+        "layers.*.mixer.k_proj": "colwise",
+        "layers.*.mixer.v_proj": "colwise",
+        "layers.*.mixer.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = True
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    sliding_window: int | None = 1024
+    layer_types: list[str] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.layer_types is None:
+            self.layer_types = [
+                "full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(self.num_hidden_layers)
+            ]
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__(**kwargs)
+        # Plain ValueErrors here, before @strict's own validators, so users see the field name first.
+        self._check_fields()
+
+    def convert_rope_params_to_dict(self, **kwargs):
+        """Default to one RoPE dict per softmax layer kind, each with its own base (Gemma 3 style)."""
+        rope_theta = kwargs.pop("rope_theta", None)
+        if self.rope_parameters is None:
+            self.rope_parameters = {
+                kind: {"rope_type": "default", "rope_theta": rope_theta or self.default_theta[kind]}
+                for kind in ("full_attention", "sliding_attention")
+            }
+        elif rope_theta is not None:
+            kwargs["rope_theta"] = rope_theta
+        return super().convert_rope_params_to_dict(**kwargs)
+
+    def rope_parameters_for(self, kind: str) -> dict:
+        """RoPE settings of one layer kind (the nested entry if there is one, else the flat dict)."""
+        params = self.rope_parameters or {}
+        return params[kind] if isinstance(params.get(kind), dict) else params
+
+    def _check_fields(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if value is None or value < 1:
+                raise ValueError(f"SonettConfig.{name} must be a positive integer, got {value!r}.")
+
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
+            positive(name)
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"SonettConfig.num_attention_heads ({self.num_attention_heads}) must divide "
+                f"hidden_size ({self.hidden_size})."
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"SonettConfig.num_key_value_heads ({self.num_key_value_heads}) must divide "
+                f"num_attention_heads ({self.num_attention_heads})."
+            )
+        self._check_layer_types()
+        if "sliding_attention" in self.layer_types and (self.sliding_window is None or self.sliding_window < 1):
+            raise ValueError(
+                f"SonettConfig.sliding_window must be >= 1 when layer_types contains 'sliding_attention', "
+                f"got {self.sliding_window!r}."
+            )
+        for kind in set(self.layer_types):
+            rope_type = self.rope_parameters_for(kind).get("rope_type", "default")
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise ValueError(
+                    f"SonettConfig.rope_parameters: rope_type {rope_type!r} (layer kind {kind!r}) is not "
+                    f"supported; use one of {list(SUPPORTED_ROPE_TYPES)}."
+                )
+        eos_ids = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        special_ids = {
+            "pad_token_id": [self.pad_token_id],
+            "bos_token_id": [self.bos_token_id],
+            "eos_token_id": eos_ids,
+        }
+        for name, values in special_ids.items():
+            for value in values:
+                if value is not None and not 0 <= value < self.vocab_size:
+                    raise ValueError(
+                        f"SonettConfig.{name} = {value} lies outside the vocabulary [0, {self.vocab_size}); "
+                        "set it to a token id of the tokenizer or to None."
+                    )
+
+    def _check_layer_types(self) -> None:
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"SonettConfig.layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
+                f"{self.num_hidden_layers}; give exactly one kind per layer."
+            )
+        for index, kind in enumerate(self.layer_types):
+            if kind not in LAYER_KINDS:
+                raise ValueError(
+                    f"SonettConfig.layer_types[{index}] = {kind!r} is not a known layer kind; "
+                    f"choose from {list(LAYER_KINDS)}."
+                )
+
+    def validate_layer_type(self):
+        """Part of `@strict` validation (runs again on save): Sonett's own layer kinds."""
+        self._check_layer_types()
+
+    def validate_architecture(self):
+        """Part of `@strict` validation (runs again on save)."""
+        self._check_fields()
+
+
+__all__ = ["LAYER_KINDS", "SonettConfig"]

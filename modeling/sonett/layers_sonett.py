@@ -1,0 +1,102 @@
+"""Building blocks shared by every Sonett mixer: RMSNorm, the SwiGLU MLP and rotary position embeddings."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .configuration_sonett import SonettConfig
+
+
+class SonettRMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, scaled by a learned weight (initialised to ones)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states: `(..., hidden_size)` -> same shape and dtype."""
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class SonettMLP(nn.Module):
+    """SwiGLU feed-forward block: `down(act(gate(x)) * up(x))`."""
+
+    def __init__(self, config: SonettConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states: `(batch, seq, hidden_size)` -> same shape."""
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class SonettRotaryEmbedding(nn.Module):
+    """Cos/sin tables for RoPE, one set of inverse frequencies per softmax layer kind.
+
+    Each kind reads its own entry of `config.rope_parameters` (its own base, as in Gemma 3); scaled RoPE types
+    (`linear`, `yarn`, `llama3`) reuse transformers' initialisers.
+    """
+
+    def __init__(self, config: SonettConfig, kinds: list[str], device: torch.device | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.kinds = sorted(set(kinds))
+        self.attention_scaling: dict[str, float] = {}
+        for kind in self.kinds:
+            inv_freq, self.attention_scaling[kind] = self.compute_inv_freq(kind, device)
+            self.register_buffer(f"{kind}_inv_freq", inv_freq, persistent=False)
+            self.register_buffer(f"{kind}_original_inv_freq", inv_freq.clone(), persistent=False)
+
+    def compute_inv_freq(self, kind: str, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies `(head_dim / 2,)` and the attention scaling of one layer kind."""
+        params = self.config.rope_parameters_for(kind)
+        rope_type = params.get("rope_type", "default")
+        if rope_type != "default":
+            nested = isinstance((self.config.rope_parameters or {}).get(kind), dict)
+            return ROPE_INIT_FUNCTIONS[rope_type](self.config, device, layer_type=kind if nested else None)
+        dim = self.config.head_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+        return 1.0 / (params["rope_theta"] ** exponents), 1.0
+
+    @torch.no_grad()
+    def forward(
+        self, hidden_states: torch.Tensor, position_ids: torch.Tensor, kind: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids: `(batch, seq)` -> `(cos, sin)`, each `(batch, seq, head_dim)` in `hidden_states.dtype`."""
+        inv_freq = getattr(self, f"{kind}_inv_freq")
+        freqs = position_ids[..., None].float() * inv_freq.to(device=hidden_states.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scaling = self.attention_scaling[kind]
+        return (emb.cos() * scaling).to(hidden_states.dtype), (emb.sin() * scaling).to(hidden_states.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Swap and negate the two halves of the last dimension."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q `(batch, heads, seq, head_dim)` and k `(batch, kv_heads, seq, head_dim)` by `(batch, seq, head_dim)`."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+__all__ = ["SonettMLP", "SonettRMSNorm", "SonettRotaryEmbedding", "apply_rotary_pos_emb"]

@@ -1,0 +1,362 @@
+"""Sonett: a hybrid decoder whose layers are chosen one by one by `config.layer_types`.
+
+Each decoder layer is pre-norm: `h += mixer(norm(h)); h += mlp(norm(h))`. The mixer class of a layer comes
+from `MIXER_CLASSES[kind]`, its cache layer from `cache_sonett.CACHE_LAYER_CLASSES[kind]`, and its mask from
+the mixer's `build_mask(kind, ...)`, built once per kind for the whole stack.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .attention_sonett import SonettAttention
+from .cache_sonett import SonettCache
+from .configuration_sonett import SonettConfig
+from .layers_sonett import SonettMLP, SonettRMSNorm, SonettRotaryEmbedding
+
+# layer kind -> mixer module. Register new kinds here.
+MIXER_CLASSES: dict[str, type[nn.Module]] = {
+    "full_attention": SonettAttention,
+    "sliding_attention": SonettAttention,
+}
+# Layer kinds whose mixer uses RoPE.
+ROPE_KINDS = ("full_attention", "sliding_attention")
+
+
+class SonettDecoderLayer(GradientCheckpointingLayer):
+    """One pre-norm block: a sequence mixer (chosen by the layer's kind) and a SwiGLU MLP, each residual."""
+
+    def __init__(self, config: SonettConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.kind = config.layer_types[layer_idx]
+        self.mixer = MIXER_CLASSES[self.kind](config, layer_idx)
+        self.mlp = SonettMLP(config)
+        self.input_layernorm = SonettRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = SonettRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: SonettCache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states `(batch, seq, hidden_size)` -> the same shape, plus the mixer's attention weights."""
+        residual = hidden_states
+        hidden_states, weights = self.mixer(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, weights
+
+
+class SonettPreTrainedModel(PreTrainedModel):
+    config_class = SonettConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SonettDecoderLayer"]
+    _skip_keys_device_placement = ["cache"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+    _is_stateful = False
+
+    # Every head a Sonett folder exposes through remote code.
+    auto_map_heads = {
+        "AutoConfig": "configuration_sonett.SonettConfig",
+        "AutoModel": "modeling_sonett.SonettModel",
+        "AutoModelForCausalLM": "modeling_sonett.SonettForCausalLM",
+    }
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # Sonett builds its own per-kind SonettCache inside forward.
+        return False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SonettRotaryEmbedding):
+            for kind in module.kinds:
+                inv_freq, _ = module.compute_inv_freq(kind)
+                init.copy_(getattr(module, f"{kind}_inv_freq"), inv_freq)
+                init.copy_(getattr(module, f"{kind}_original_inv_freq"), inv_freq)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual, with an `auto_map` that exposes every Sonett head through remote code."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.update(self.auto_map_heads)
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def check_text_inputs(
+    config: SonettConfig,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    past_length: int,
+    cache_batch_size: int | None = None,
+) -> None:
+    """Raise a ValueError that names the problem for inputs the model cannot run on."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}; "
+                "add a batch dimension with `input_ids[None]`."
+            )
+        if input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+        shape = tuple(input_ids.shape)
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch, seq_len, {config.hidden_size}), "
+                f"got {tuple(inputs_embeds.shape)}."
+            )
+        shape = tuple(inputs_embeds.shape[:2])
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"Empty input: got batch shape {shape}; pass at least one token per sequence.")
+    if cache_batch_size is not None and cache_batch_size != shape[0]:
+        raise ValueError(
+            f"The cache holds {cache_batch_size} sequences but the input has batch size {shape[0]}; "
+            "pass a fresh cache (or none) for a new batch."
+        )
+    if input_ids is not None:
+        out_of_range = (input_ids < 0) | (input_ids >= config.vocab_size)
+        if bool(out_of_range.any()):
+            bad = int(input_ids[out_of_range][0])
+            raise ValueError(
+                f"Token id {bad} is out of range for vocab_size {config.vocab_size} (valid ids are 0 to "
+                f"{config.vocab_size - 1}); the tokenizer and the model config do not match."
+            )
+    if attention_mask is not None and attention_mask.dim() == 2:
+        expected = (shape[0], past_length + shape[1])
+        if tuple(attention_mask.shape) != expected:
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)} but the input needs {expected} "
+                f"(batch, cached tokens {past_length} + new tokens {shape[1]})."
+            )
+    elif attention_mask is not None and attention_mask.dim() != 4:
+        raise ValueError(
+            f"`attention_mask` must be 2-D (batch, seq_len) or a prepared 4-D mask, "
+            f"got shape {tuple(attention_mask.shape)}."
+        )
+    if position_ids is not None and tuple(position_ids.shape[-1:]) != (shape[1],):
+        raise ValueError(
+            f"`position_ids` has shape {tuple(position_ids.shape)} but the input has {shape[1]} new tokens."
+        )
+
+
+class SonettModel(SonettPreTrainedModel):
+    """The Sonett decoder stack without a language-model head."""
+
+    def __init__(self, config: SonettConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(SonettDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = SonettRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        rope_kinds = [kind for kind in config.layer_types if kind in ROPE_KINDS]
+        self.rotary_emb = SonettRotaryEmbedding(config, rope_kinds)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: SonettCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Run the decoder.
+
+        Args:
+            input_ids: `(batch, seq)` token ids, or None when `inputs_embeds` is given.
+            attention_mask: `(batch, past + seq)`, 1 for real tokens and 0 for padding (left padding for
+                generation); a prepared 4-D mask is used as is.
+            position_ids: `(batch, seq)`; derived from `attention_mask` (or the cache length) when None, so
+                left-padded rows get the same positions as when run alone.
+            cache: a `SonettCache` holding the state of earlier tokens; created when `use_cache` and None.
+            inputs_embeds: `(batch, seq, hidden_size)` instead of `input_ids`.
+            use_cache: return the updated cache (defaults to `config.use_cache` at inference, False in training).
+
+        Returns:
+            `BaseModelOutputWithPast` with `last_hidden_state` `(batch, seq, hidden_size)` and `cache`.
+        """
+        output_attentions = bool(output_attentions or self.config.output_attentions)
+        output_hidden_states = bool(output_hidden_states or self.config.output_hidden_states)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        past_length = cache.get_seq_length() if cache is not None else 0
+        cache_batch_size = cache.cached_batch_size() if isinstance(cache, SonettCache) else None
+        check_text_inputs(
+            self.config, input_ids, inputs_embeds, attention_mask, position_ids, past_length, cache_batch_size
+        )
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = SonettCache(self.config)
+        if position_ids is None:
+            position_ids = self._default_position_ids(inputs_embeds, attention_mask, past_length)
+
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "position_ids": position_ids,
+        }
+        masks: dict[str, torch.Tensor | None] = {}
+        position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer_idx, layer in enumerate(self.layers):
+            if layer.kind not in masks:
+                masks[layer.kind] = layer.mixer.build_mask(layer.kind, layer_idx=layer_idx, **mask_kwargs)
+                if layer.kind in ROPE_KINDS:
+                    position_embeddings[layer.kind] = self.rotary_emb(inputs_embeds, position_ids, layer.kind)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, weights = layer(
+                hidden_states,
+                attention_mask=masks[layer.kind],
+                position_embeddings=position_embeddings.get(layer.kind),
+                cache=cache,
+                **kwargs,
+            )
+            if output_attentions:
+                all_attentions += (weights,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+    @staticmethod
+    def _default_position_ids(
+        inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int
+    ) -> torch.LongTensor:
+        """Positions `(batch, seq)` counting only real tokens when a 2-D padding mask is given."""
+        seq_len = inputs_embeds.shape[1]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            positions = attention_mask.long().cumsum(-1) - 1
+            return positions.clamp(min=0)[:, -seq_len:]
+        positions = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
+        return positions.unsqueeze(0).expand(inputs_embeds.shape[0], -1)
+
+
+class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
+    """Sonett with a language-modelling head (tied to the input embedding by default)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: SonettConfig) -> None:
+        super().__init__(config)
+        self.model = SonettModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: SonettCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Next-token logits and, with `labels`, the causal LM loss.
+
+        Args:
+            labels: `(batch, seq)` targets aligned with `input_ids` (shifted inside the loss); -100 is ignored.
+                A `num_items_in_batch` keyword (from the Trainer) makes the loss a sum over that many tokens,
+                so gradient accumulation matches one large batch.
+            logits_to_keep: compute logits only for the last N positions (0 = all), or for the given indices.
+            Other arguments as in `SonettModel.forward`.
+
+        Returns:
+            `CausalLMOutputWithPast` with `logits` `(batch, seq or N, vocab_size)`, `loss` and `cache`.
+        """
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(
+                    f"`labels` has shape {tuple(labels.shape)} but the logits cover {tuple(logits.shape[:2])}; "
+                    "labels are aligned with input_ids (not pre-shifted) and need logits_to_keep=0."
+                )
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **loss_kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["MIXER_CLASSES", "SonettForCausalLM", "SonettModel", "SonettPreTrainedModel"]
