@@ -133,3 +133,14 @@ def test_beam_search_returns_several_sequences():
     assert out.sequences_scores.shape == (6,)
     best, second = out.sequences_scores[0::3], out.sequences_scores[1::3]
     assert bool((best >= second).all())
+
+
+def test_deprecated_past_key_values_kwarg_still_reaches_the_cache():
+    model = tiny_model("mixed")
+    ids = random_ids(1, 9)
+    with torch.no_grad():
+        cache = model(ids[:, :-1], use_cache=True).cache
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            step = model(ids[:, -1:], past_key_values=cache).logits[:, -1]
+        full = model(ids).logits[:, -1]
+    assert (step - full).abs().max().item() <= 1e-4
