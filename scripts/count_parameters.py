@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from sonett import SonettConfig, SonettForCausalLM
-from sonett.training import load_preset
+from sonett import SonettForCausalLM
+from sonett.training import config_from_preset, load_preset
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configuration"
 
@@ -19,8 +19,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     rows = []
     for path in PRESET_DIR.glob("sonett-*.json"):
-        preset = load_preset(str(path))
-        config = SonettConfig(**{k: v for k, v in preset.items() if not k.startswith("_") and k != "model_type"})
+        config = config_from_preset(load_preset(str(path)))
         with torch.device("meta"):
             model = SonettForCausalLM(config)
         rows.append((sum(p.numel() for p in model.parameters()), path, config))

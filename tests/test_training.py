@@ -11,9 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sonett import SonettConfig
 from sonett.data import pack_into_blocks, split_by_document, stdlib_corpus
-from sonett.training import PretrainArguments, build_config, load_preset, pretrain
+from sonett.training import PretrainArguments, build_config, config_from_preset, load_preset, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_RUN = dict(
@@ -93,8 +92,7 @@ def test_reloaded_folder_reproduces_the_reported_validation_loss(run):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configuration").glob("sonett-*.json")), ids=lambda p: p.stem)
 def test_every_preset_is_a_valid_config(path):
-    preset = load_preset(str(path))
-    config = SonettConfig(**{k: v for k, v in preset.items() if not k.startswith("_") and k != "model_type"})
+    config = config_from_preset(load_preset(str(path)))
     assert len(config.layer_types) == config.num_hidden_layers
     assert {"full_attention", "sliding_attention"} <= set(config.layer_types)
 

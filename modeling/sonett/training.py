@@ -73,16 +73,21 @@ def load_preset(name_or_path: str) -> dict:
     return json.loads(path.read_text())
 
 
+def config_from_preset(preset: dict, **overrides) -> SonettConfig:
+    """A `SonettConfig` from a preset dict (comment keys starting with `_` dropped), with `overrides` applied."""
+    values = {k: v for k, v in preset.items() if not k.startswith("_") and k != "model_type"}
+    return SonettConfig(**{**values, **overrides})
+
+
 def build_config(preset: dict, tokenizer: PreTrainedTokenizerBase) -> SonettConfig:
     """The model config of a preset, with the vocabulary and special ids of `tokenizer`."""
-    values = {k: v for k, v in preset.items() if not k.startswith("_") and k != "model_type"}
-    values.update(
+    return config_from_preset(
+        preset,
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return SonettConfig(**values)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -245,4 +250,4 @@ def pretrain(args: PretrainArguments) -> dict:
     return results
 
 
-__all__ = ["PretrainArguments", "build_config", "evaluate_loss", "load_preset", "pretrain"]
+__all__ = ["PretrainArguments", "build_config", "config_from_preset", "evaluate_loss", "load_preset", "pretrain"]
