@@ -104,7 +104,7 @@ def test_round_trip_of_defaults(tmp_path):
     ("kwargs", "field"),
     [
         ({"num_hidden_layers": 2, "layer_types": ["full_attention", "mamba2"]}, r"layer_types\[1\]"),
-        ({"num_hidden_layers": 2, "layer_types": ["linear_attention", "full_attention"]}, r"layer_types\[0\]"),
+        ({"num_hidden_layers": 2, "layer_types": ["chunked_attention", "full_attention"]}, r"layer_types\[0\]"),
         ({"num_hidden_layers": 4, "layer_types": ["full_attention"] * 3}, "layer_types has 3 entries"),
         ({"num_hidden_layers": 2, "layer_types": ["full_attention"] * 3}, "num_hidden_layers"),
         ({"hidden_size": 30, "num_attention_heads": 4}, "num_attention_heads"),
@@ -134,7 +134,7 @@ def test_round_trip_of_defaults(tmp_path):
     ],
     ids=[
         "unknown-kind",
-        "unimplemented-kind",
+        "hf-kind-not-in-sonett",
         "too-few-layer-types",
         "too-many-layer-types",
         "heads-not-dividing-hidden",

@@ -3,14 +3,21 @@
 Causal multi-head attention with grouped key/value heads and RoPE, dispatched through transformers'
 attention interface (`eager`, `sdpa`, `flex_attention`, or any registered kernel). The two kinds differ
 only in their mask and their cache layer; a sliding layer also passes its window to the kernel.
+
+With `config.adaptive_span`, each head of a sliding layer learns its span z (Sukhbaatar et al. 2019,
+"Adaptive Attention Span in Transformers"): keys at distance d are weighted by the soft ramp
+m(d) = clamp((R + z - d) / R, 0, 1), applied as log m(d) added to the scores (the same as multiplying the
+unnormalised probabilities by m and renormalising). The cache then keeps only ceil(max z + R) - 1 keys.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -69,6 +76,10 @@ class SonettAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         self.sliding_window = config.sliding_window if self.kind == "sliding_attention" else None
+        self.adaptive_span = bool(config.adaptive_span) and self.kind == "sliding_attention"
+        if self.adaptive_span:
+            init_logit = math.log(config.adaptive_span_init / (1 - config.adaptive_span_init))
+            self.span_logit = nn.Parameter(torch.full((config.num_attention_heads,), init_logit))
 
         q_width = config.num_attention_heads * self.head_dim
         kv_width = config.num_key_value_heads * self.head_dim
@@ -76,6 +87,47 @@ class SonettAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.attention_bias)
+
+    def spans(self) -> torch.Tensor:
+        """Learned span z in tokens per head `(heads,)`, in (0, sliding_window)."""
+        return self.config.sliding_window * torch.sigmoid(self.span_logit)
+
+    def reset_sonett_parameters(self) -> None:
+        if self.adaptive_span:
+            init_logit = math.log(self.config.adaptive_span_init / (1 - self.config.adaptive_span_init))
+            init.constant_(self.span_logit, init_logit)
+
+    def cache_window(self) -> int | None:
+        """Keys (itself included) a query can still see at inference: the window, or less under adaptive spans."""
+        if not self.adaptive_span:
+            return self.sliding_window
+        reach = math.ceil(self.spans().max().item() + self.config.adaptive_span_ramp)
+        return max(1, min(self.sliding_window, reach))
+
+    def span_bias(self, q_len: int, kv_len: int, attention_mask, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask `(batch or 1, heads, q_len, kv_len)`: log of the soft span ramp, causality and padding.
+
+        The queries are the last `q_len` of the `kv_len` positions, so distance d = i - j + kv_len - q_len.
+        """
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise ValueError(
+                "adaptive_span needs attn_implementation 'eager' or 'sdpa' (flex BlockMasks are not supported)."
+            )
+        device = self.span_logit.device
+        distance = (
+            torch.arange(q_len, device=device)[:, None] - torch.arange(kv_len, device=device)[None, :] + kv_len - q_len
+        )
+        ramp = (
+            self.config.adaptive_span_ramp + self.spans()[:, None, None] - distance
+        ) / self.config.adaptive_span_ramp
+        ramp = ramp.clamp(0, 1).masked_fill(distance < 0, 0)
+        lowest = torch.finfo(dtype).min
+        bias = torch.where(ramp > 0, ramp.clamp_min(1e-30).log(), torch.full_like(ramp, lowest)).to(dtype)[None]
+        if attention_mask is not None:
+            mask = attention_mask[..., :kv_len]
+            mask = torch.where(mask, 0.0, lowest).to(dtype) if mask.dtype == torch.bool else mask.to(dtype)
+            bias = (bias + mask).clamp_min(lowest)
+        return bias
 
     @staticmethod
     def build_mask(kind: str, **mask_kwargs) -> torch.Tensor | None:
@@ -116,6 +168,10 @@ class SonettAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if self.adaptive_span:
+            attention_mask = self.span_bias(query.shape[-2], key.shape[-2], attention_mask, query.dtype)
+            if self.config._attn_implementation not in ("eager", "sdpa"):
+                attention_interface = eager_attention_forward
         output, weights = attention_interface(
             self,
             query,

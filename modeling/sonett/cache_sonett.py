@@ -3,66 +3,362 @@
 The class of each layer comes from `config.layer_types` through `CACHE_LAYER_CLASSES`:
 
 - `full_attention`    -> `SonettFullAttentionLayer`: keys/values `(batch, kv_heads, seq, head_dim)`, grows.
-- `sliding_attention` -> `SonettSlidingWindowLayer`: keeps only the last `sliding_window - 1` keys/values.
+- `sliding_attention` -> `SonettSlidingWindowLayer`: the last `window - 1` keys/values (the window may be
+  shorter than `sliding_window` when adaptive spans learned to look less far).
+- `linear_attention`  -> `SonettLinearAttentionLayer`: a constant-size fp32 recurrent state plus the tail of
+  the short convolution's input.
+- `memory_attention`  -> `SonettMemoryLayer`: the sliding window plus a fp32 compressive memory
+  `(batch, kv_heads, head_dim, head_dim)` and its normaliser `(batch, kv_heads, head_dim)`.
+
+The whole cache saves to and loads from one safetensors file (`save` / `load`), so a conversation can
+continue in another process without re-reading earlier turns.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from .configuration_sonett import SonettConfig
+
+CACHE_FILE_FORMAT = "sonett-cache"
+CACHE_FILE_VERSION = "1"
+# Config fields that shape the decoding state; a cache file only fits a config that agrees on all of them.
+STATE_FIELDS = (
+    "layer_types",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "sliding_window",
+    "adaptive_span",
+    "linear_feature_map",
+    "linear_feature_dim",
+    "linear_conv_size",
+    "memory_update",
+    "vocab_size",
+)
+
+
+def _select(tensor: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    return None if tensor is None else tensor.index_select(0, index.to(tensor.device))
 
 
 class SonettFullAttentionLayer(DynamicLayer):
     """Keys and values of a `full_attention` layer, `(batch, kv_heads, seq, head_dim)`; grows without bound."""
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "values": self.values} if self.get_seq_length() > 0 else {}
+
+    def state_scalars(self) -> dict[str, int]:
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, int]) -> None:
+        if tensors:
+            self.lazy_initialization(tensors["keys"], tensors["values"])
+            self.keys, self.values = tensors["keys"], tensors["values"]
+
 
 class SonettSlidingWindowLayer(DynamicSlidingWindowLayer):
-    """Keys and values of a `sliding_attention` layer, trimmed to the last `sliding_window - 1` positions.
+    """Keys and values of a windowed layer, trimmed to the last `sliding_window - 1` positions.
 
     `update` returns the trimmed past plus the new tokens, so a prompt longer than the window still attends
     correctly; `get_mask_sizes` tells the mask builder the matching key length and offset.
     """
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "values": self.values} if self.is_initialized else {}
 
-# layer kind -> factory(config) building that kind's cache layer. Register new kinds here.
-CACHE_LAYER_CLASSES: dict[str, Callable[[SonettConfig], object]] = {
-    "full_attention": lambda config: SonettFullAttentionLayer(),
-    "sliding_attention": lambda config: SonettSlidingWindowLayer(sliding_window=config.sliding_window),
+    def state_scalars(self) -> dict[str, int]:
+        return {"cumulative_length": self.cumulative_length}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, int]) -> None:
+        if tensors:
+            self.lazy_initialization(tensors["keys"], tensors["values"])
+            self.keys, self.values = tensors["keys"], tensors["values"]
+        self.cumulative_length = int(scalars.get("cumulative_length", 0))
+
+
+class SonettMemoryLayer(SonettSlidingWindowLayer):
+    """State of a `memory_attention` layer: the local window and the compressive memory of older tokens.
+
+    `keys` hold RoPE-rotated keys for the local attention; `memory_keys` the same window before RoPE, which
+    is what the memory stores once a token leaves the window. `memory` `(batch, kv_heads, d_k, d_v)` and
+    `normalizer` `(batch, kv_heads, d_k)` are fp32 and hold every token older than the window.
+    """
+
+    def __init__(self, sliding_window: int, **kwargs) -> None:
+        super().__init__(sliding_window=sliding_window, **kwargs)
+        self.memory_keys: torch.Tensor | None = None
+        self.memory: torch.Tensor | None = None
+        self.normalizer: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, raw_key_states: torch.Tensor, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append rotated keys, values and the un-rotated `raw_key_states`; return the window plus new tokens."""
+        past_raw = self.memory_keys if self.memory_keys is not None else raw_key_states[:, :, :0]
+        self.memory_keys = torch.cat([past_raw, raw_key_states], dim=-2)[:, :, -self.sliding_window + 1 :, :]
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def memory_inputs(
+        self,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(raw window keys, window values, memory, normaliser) before this step, or Nones when empty."""
+        if not self.is_initialized:
+            return None, None, None, None
+        return self.memory_keys, self.values, self.memory, self.normalizer
+
+    def set_memory(self, memory: torch.Tensor, normalizer: torch.Tensor) -> None:
+        self.memory, self.normalizer = memory, normalizer
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.memory_keys = _select(self.memory_keys, beam_idx)
+        self.memory = _select(self.memory, beam_idx)
+        self.normalizer = _select(self.normalizer, beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        for name in ("memory_keys", "memory", "normalizer"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        for name in ("memory_keys", "memory", "normalizer"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor[indices])
+
+    def reset(self) -> None:
+        super().reset()
+        self.memory_keys = self.memory = self.normalizer = None
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = super().state_tensors()
+        for name in ("memory_keys", "memory", "normalizer"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
+        return tensors
+
+    def load_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, int]) -> None:
+        super().load_state(tensors, scalars)
+        self.memory_keys = tensors.get("memory_keys")
+        self.memory = tensors.get("memory")
+        self.normalizer = tensors.get("normalizer")
+
+
+class SonettLinearAttentionLayer(CacheLayerMixin):
+    """Constant-size state of a `linear_attention` layer.
+
+    `recurrent_state` `(batch, heads, feature_dim, head_dim)` in fp32 and `conv_state` `(batch, channels,
+    conv_size - 1)`, the last inputs of the short causal convolution (None without a convolution).
+    """
+
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.recurrent_state: torch.Tensor | None = None
+        self.conv_state: torch.Tensor | None = None
+        self.seq_length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise NotImplementedError("linear_attention layers keep a recurrent state: use get_state / set_state.")
+
+    def get_state(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(recurrent state, convolution state) before this step; Nones before the first token."""
+        return self.recurrent_state, self.conv_state
+
+    def set_state(self, recurrent_state: torch.Tensor, conv_state: torch.Tensor | None, num_new_tokens: int) -> None:
+        self.recurrent_state, self.conv_state = recurrent_state, conv_state
+        self.seq_length += num_new_tokens
+        self.is_initialized = True
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seq_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.recurrent_state = self.conv_state = None
+        self.seq_length = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError("A linear_attention state cannot be rolled back to an earlier token.")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.recurrent_state = _select(self.recurrent_state, beam_idx)
+        self.conv_state = _select(self.conv_state, beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for name in ("recurrent_state", "conv_state"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for name in ("recurrent_state", "conv_state"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor[indices])
+
+    def offload(self) -> None:
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        if self.recurrent_state is not None:
+            tensors["recurrent_state"] = self.recurrent_state
+        if self.conv_state is not None:
+            tensors["conv_state"] = self.conv_state
+        return tensors
+
+    def state_scalars(self) -> dict[str, int]:
+        return {"seq_length": self.seq_length}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, int]) -> None:
+        self.recurrent_state = tensors.get("recurrent_state")
+        self.conv_state = tensors.get("conv_state")
+        self.seq_length = int(scalars.get("seq_length", 0))
+        self.is_initialized = self.recurrent_state is not None
+
+
+# layer kind -> factory(config, window) building that kind's cache layer. Register new kinds here.
+CACHE_LAYER_CLASSES: dict[str, Callable[[SonettConfig, int | None], CacheLayerMixin]] = {
+    "full_attention": lambda config, window: SonettFullAttentionLayer(),
+    "sliding_attention": lambda config, window: SonettSlidingWindowLayer(sliding_window=window),
+    "linear_attention": lambda config, window: SonettLinearAttentionLayer(),
+    "memory_attention": lambda config, window: SonettMemoryLayer(sliding_window=window),
 }
+
+
+def state_fingerprint(config: SonettConfig) -> dict:
+    """The config fields that shape the decoding state."""
+    return {name: getattr(config, name, None) for name in STATE_FIELDS}
 
 
 class SonettCache(Cache):
     """Decoding state of every Sonett layer.
 
     Built from the config: `SonettCache(config)`. The model creates one itself when `use_cache=True` and no
-    cache is passed; `generate()` then carries it from step to step through `outputs.cache`.
+    cache is passed (with windows trimmed to its learned attention spans); `generate()` then carries it from
+    step to step through `outputs.cache`.
+
+    Args:
+        config: the model config.
+        layer_windows: optional per-layer window lengths for windowed layers (default `config.sliding_window`).
     """
 
-    def __init__(self, config: SonettConfig) -> None:
+    def __init__(self, config: SonettConfig, layer_windows: dict[int, int] | None = None) -> None:
         text_config = config.get_text_config(decoder=True)
         self.layer_types = list(text_config.layer_types)
-        super().__init__(layers=[CACHE_LAYER_CLASSES[kind](text_config) for kind in self.layer_types])
+        self.fingerprint = state_fingerprint(text_config)
+        windows = {i: text_config.sliding_window for i in range(len(self.layer_types))}
+        windows.update(layer_windows or {})
+        self.layer_windows = windows
+        layers = [CACHE_LAYER_CLASSES[kind](text_config, windows[i]) for i, kind in enumerate(self.layer_types)]
+        super().__init__(layers=layers)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far (every Sonett cache layer counts them, whatever its kind)."""
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].get_seq_length()
 
     def cached_batch_size(self) -> int | None:
         """Batch size of the stored state, or None while the cache is still empty."""
         for layer in self.layers:
-            keys = getattr(layer, "keys", None)
-            if isinstance(keys, torch.Tensor) and keys.dim() == 4:
-                return keys.shape[0]
+            for tensor in layer.state_tensors().values():
+                return tensor.shape[0]
         return None
 
     def nbytes(self) -> int:
         """Bytes held by all cached tensors."""
-        total = 0
-        for layer in self.layers:
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
-        return total
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.state_tensors().values())
+
+    def save(self, path: str | Path) -> None:
+        """Write the whole decoding state to a safetensors file (no pickle), atomically."""
+        from safetensors.torch import save_file
+
+        tensors = {
+            f"layers.{i}.{name}": tensor.detach().contiguous().cpu()
+            for i, layer in enumerate(self.layers)
+            for name, tensor in layer.state_tensors().items()
+        }
+        metadata = {
+            "format": CACHE_FILE_FORMAT,
+            "version": CACHE_FILE_VERSION,
+            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+            "layer_windows": json.dumps({str(i): w for i, w in self.layer_windows.items()}),
+            "scalars": json.dumps([layer.state_scalars() for layer in self.layers]),
+        }
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        save_file(tensors, str(partial), metadata=metadata)
+        partial.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, config: SonettConfig, device: torch.device | str = "cpu") -> SonettCache:
+        """Read a cache written by `save`; refuse files from another config, truncated or corrupt files."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No memory file at {path}.")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                metadata = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(
+                f"The memory file {path} is truncated or corrupt ({error}); it cannot be loaded."
+            ) from error
+        if metadata.get("format") != CACHE_FILE_FORMAT:
+            raise ValueError(f"{path} is not a Sonett memory file (no '{CACHE_FILE_FORMAT}' header).")
+        if metadata.get("version") != CACHE_FILE_VERSION:
+            raise ValueError(
+                f"{path} has memory-file version {metadata.get('version')!r}; expected {CACHE_FILE_VERSION}."
+            )
+        saved = json.loads(metadata["fingerprint"])
+        expected = state_fingerprint(config.get_text_config(decoder=True))
+        differing = [name for name in STATE_FIELDS if saved.get(name) != expected.get(name)]
+        if differing:
+            details = "; ".join(f"{n}: file {saved.get(n)!r} vs model {expected.get(n)!r}" for n in differing)
+            raise ValueError(f"The memory file {path} was written by a model with another config ({details}).")
+        windows = {int(i): w for i, w in json.loads(metadata["layer_windows"]).items()}
+        cache = cls(config, layer_windows=windows)
+        scalars = json.loads(metadata["scalars"])
+        for i, layer in enumerate(cache.layers):
+            prefix = f"layers.{i}."
+            layer.load_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, scalars[i])
+        return cache
 
 
-__all__ = ["CACHE_LAYER_CLASSES", "SonettCache", "SonettFullAttentionLayer", "SonettSlidingWindowLayer"]
+__all__ = [
+    "CACHE_LAYER_CLASSES",
+    "SonettCache",
+    "SonettFullAttentionLayer",
+    "SonettLinearAttentionLayer",
+    "SonettMemoryLayer",
+    "SonettSlidingWindowLayer",
+]

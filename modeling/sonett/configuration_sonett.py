@@ -11,7 +11,11 @@ from transformers import PreTrainedConfig
 
 # Layer kinds implemented so far. A new kind needs one mixer module (registered in modeling_sonett.py) and one
 # cache-layer class (registered in cache_sonett.py), plus its name here.
-LAYER_KINDS: tuple[str, ...] = ("full_attention", "sliding_attention")
+LAYER_KINDS: tuple[str, ...] = ("full_attention", "sliding_attention", "linear_attention", "memory_attention")
+# Kinds whose mixer uses RoPE (linear attention is position-free apart from its decay and convolution).
+ROPE_KINDS: tuple[str, ...] = ("full_attention", "sliding_attention", "memory_attention")
+LINEAR_FEATURE_MAPS: tuple[str, ...] = ("taylor", "elu", "identity")
+MEMORY_UPDATES: tuple[str, ...] = ("linear", "delta")
 # RoPE types whose inverse frequencies are fixed at init (the dynamic kinds rescale at run time; not supported).
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "yarn", "llama3")
 
@@ -40,8 +44,21 @@ class SonettConfig(PreTrainedConfig):
         attention_bias: Bias on the q/k/v/o projections.
         attention_dropout: Dropout on attention probabilities during training.
         mlp_bias: Bias on the MLP projections.
-        sliding_window: Keys a `sliding_attention` query can see, itself included.
+        sliding_window: Keys a `sliding_attention` or `memory_attention` query can see, itself included.
         layer_types: One kind per layer, from `LAYER_KINDS`. Defaults to three sliding layers per full one.
+        adaptive_span: `sliding_attention` heads learn their own span z in [0, sliding_window] through the soft
+            mask clamp((R + z - d) / R, 0, 1) (Sukhbaatar et al. 2019); the cache keeps only what spans can see.
+        adaptive_span_ramp: R, the length of the soft ramp.
+        adaptive_span_init: initial span as a fraction of `sliding_window`, in (0, 1).
+        adaptive_span_loss_coef: weight of the L1 penalty (mean span in tokens) added to the training loss.
+        linear_feature_map: feature map of `linear_attention` q/k: `taylor` (Based's 2nd-order Taylor map of a
+            `linear_feature_dim` projection), `elu` (elu + 1) or `identity`.
+        linear_feature_dim: projected q/k width that the Taylor map expands to 1 + d + d^2 features.
+        linear_chunk_size: chunk length of the chunkwise-parallel training / prefill form.
+        linear_conv_size: kernel of the short causal depthwise convolution on q/k/v (0 disables it).
+        linear_use_fla: dispatch to flash-linear-attention kernels when installed and on CUDA.
+        memory_update: how evicted tokens enter the compressive memory: `linear` or `delta` (delta rule).
+        memory_chunk_size: chunk length of the chunked memory computation in training / prefill.
 
     Example:
         >>> from sonett import SonettConfig, SonettForCausalLM
@@ -51,7 +68,7 @@ class SonettConfig(PreTrainedConfig):
 
     model_type = "sonett"
     keys_to_ignore_at_inference = ["cache"]
-    default_theta = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
+    default_theta = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0, "memory_attention": 10_000.0}
     base_model_tp_plan = {
         "layers.*.mixer.q_proj": "colwise",
         "layers.*.mixer.k_proj": "colwise",
@@ -89,6 +106,17 @@ class SonettConfig(PreTrainedConfig):
     mlp_bias: bool = False
     sliding_window: int | None = 1024
     layer_types: list[str] | None = None
+    adaptive_span: bool = False
+    adaptive_span_ramp: int = 32
+    adaptive_span_init: float = 0.75
+    adaptive_span_loss_coef: float = 1e-4
+    linear_feature_map: str = "taylor"
+    linear_feature_dim: int = 16
+    linear_chunk_size: int = 64
+    linear_conv_size: int = 4
+    linear_use_fla: bool = True
+    memory_update: str = "linear"
+    memory_chunk_size: int = 64
 
     def __post_init__(self, **kwargs):
         if self.layer_types is None:
@@ -107,10 +135,10 @@ class SonettConfig(PreTrainedConfig):
         """Default to one RoPE dict per softmax layer kind, each with its own base (Gemma 3 style)."""
         rope_theta = kwargs.pop("rope_theta", None)
         if self.rope_parameters is None:
+            kinds = [kind for kind in ROPE_KINDS if kind in self.layer_types]
             self.rope_parameters = {
-                kind: {"rope_type": "default", "rope_theta": rope_theta or self.default_theta[kind]}
-                for kind in ("full_attention", "sliding_attention")
-            }
+                kind: {"rope_type": "default", "rope_theta": rope_theta or self.default_theta[kind]} for kind in kinds
+            } or {"rope_type": "default", "rope_theta": rope_theta or self.default_theta["sliding_attention"]}
         elif rope_theta is not None:
             kwargs["rope_theta"] = rope_theta
         return super().convert_rope_params_to_dict(**kwargs)
@@ -147,12 +175,14 @@ class SonettConfig(PreTrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads})."
             )
         self._check_layer_types()
-        if "sliding_attention" in self.layer_types and (self.sliding_window is None or self.sliding_window < 1):
+        windowed = {"sliding_attention", "memory_attention"} & set(self.layer_types)
+        if windowed and (self.sliding_window is None or self.sliding_window < 1):
             raise ValueError(
-                f"SonettConfig.sliding_window must be >= 1 when layer_types contains 'sliding_attention', "
+                f"SonettConfig.sliding_window must be >= 1 when layer_types contains {sorted(windowed)}, "
                 f"got {self.sliding_window!r}."
             )
-        for kind in set(self.layer_types):
+        self._check_mixer_settings()
+        for kind in set(self.layer_types) & set(ROPE_KINDS):
             rope_type = self.rope_parameters_for(kind).get("rope_type", "default")
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise ValueError(
@@ -172,6 +202,28 @@ class SonettConfig(PreTrainedConfig):
                         f"SonettConfig.{name} = {value} lies outside the vocabulary [0, {self.vocab_size}); "
                         "set it to a token id of the tokenizer or to None."
                     )
+
+    def _check_mixer_settings(self) -> None:
+        if self.linear_feature_map not in LINEAR_FEATURE_MAPS:
+            raise ValueError(
+                f"SonettConfig.linear_feature_map = {self.linear_feature_map!r}; "
+                f"choose from {list(LINEAR_FEATURE_MAPS)}."
+            )
+        if self.memory_update not in MEMORY_UPDATES:
+            raise ValueError(
+                f"SonettConfig.memory_update = {self.memory_update!r}; choose from {list(MEMORY_UPDATES)}."
+            )
+        for name in ("linear_feature_dim", "linear_chunk_size", "memory_chunk_size", "adaptive_span_ramp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SonettConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.linear_conv_size < 0:
+            raise ValueError(
+                f"SonettConfig.linear_conv_size must be >= 0 (0 disables it), got {self.linear_conv_size}."
+            )
+        if not 0.0 < self.adaptive_span_init < 1.0:
+            raise ValueError(f"SonettConfig.adaptive_span_init must lie in (0, 1), got {self.adaptive_span_init}.")
+        if self.adaptive_span_loss_coef < 0:
+            raise ValueError(f"SonettConfig.adaptive_span_loss_coef must be >= 0, got {self.adaptive_span_loss_coef}.")
 
     def _check_layer_types(self) -> None:
         if len(self.layer_types) != self.num_hidden_layers:
@@ -195,4 +247,4 @@ class SonettConfig(PreTrainedConfig):
         self._check_fields()
 
 
-__all__ = ["LAYER_KINDS", "SonettConfig"]
+__all__ = ["LAYER_KINDS", "ROPE_KINDS", "SonettConfig"]

@@ -17,16 +17,18 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention_sonett import SonettAttention
 from .cache_sonett import SonettCache
-from .configuration_sonett import SonettConfig
+from .configuration_sonett import ROPE_KINDS, SonettConfig
 from .layers_sonett import SonettMLP, SonettRMSNorm, SonettRotaryEmbedding
+from .linear_attention_sonett import SonettLinearAttention
+from .memory_attention_sonett import SonettMemoryAttention
 
 # layer kind -> mixer module. Register new kinds here.
 MIXER_CLASSES: dict[str, type[nn.Module]] = {
     "full_attention": SonettAttention,
     "sliding_attention": SonettAttention,
+    "linear_attention": SonettLinearAttention,
+    "memory_attention": SonettMemoryAttention,
 }
-# Layer kinds whose mixer uses RoPE.
-ROPE_KINDS = ("full_attention", "sliding_attention")
 
 
 class SonettDecoderLayer(GradientCheckpointingLayer):
@@ -90,6 +92,10 @@ class SonettPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        if hasattr(module, "reset_sonett_parameters"):
+            # Mixer-specific parameters (decays, gates, spans); uses `transformers.initialization`, which skips
+            # tensors already loaded from a checkpoint.
+            module.reset_sonett_parameters()
         if isinstance(module, SonettRotaryEmbedding):
             for kind in module.kinds:
                 inv_freq, _ = module.compute_inv_freq(kind)
@@ -229,7 +235,7 @@ class SonettModel(SonettPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
-            cache = SonettCache(self.config)
+            cache = SonettCache(self.config, layer_windows=self.inference_windows())
         if position_ids is None:
             position_ids = self._default_position_ids(inputs_embeds, attention_mask, past_length)
 
@@ -240,23 +246,27 @@ class SonettModel(SonettPreTrainedModel):
             "cache": cache,
             "position_ids": position_ids,
         }
-        masks: dict[str, torch.Tensor | None] = {}
+        # One mask per (kind, cache window) and one RoPE table per kind, shared by the layers that need them.
+        mask_keys = [
+            (layer.kind, cache.layer_windows[i] if cache is not None else None) for i, layer in enumerate(self.layers)
+        ]
+        masks: dict[tuple, torch.Tensor | None] = {}
         position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer_idx, layer in enumerate(self.layers):
-            if layer.kind not in masks:
-                masks[layer.kind] = layer.mixer.build_mask(layer.kind, layer_idx=layer_idx, **mask_kwargs)
-                if layer.kind in ROPE_KINDS:
-                    position_embeddings[layer.kind] = self.rotary_emb(inputs_embeds, position_ids, layer.kind)
+        for layer_idx, (layer, key) in enumerate(zip(self.layers, mask_keys)):
+            if key not in masks:
+                masks[key] = layer.mixer.build_mask(layer.kind, layer_idx=layer_idx, **mask_kwargs)
+            if layer.kind in ROPE_KINDS and layer.kind not in position_embeddings:
+                position_embeddings[layer.kind] = self.rotary_emb(inputs_embeds, position_ids, layer.kind)
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        for layer in self.layers:
+        for layer, key in zip(self.layers, mask_keys):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states, weights = layer(
                 hidden_states,
-                attention_mask=masks[layer.kind],
+                attention_mask=masks[key],
                 position_embeddings=position_embeddings.get(layer.kind),
                 cache=cache,
                 **kwargs,
@@ -274,6 +284,27 @@ class SonettModel(SonettPreTrainedModel):
             attentions=all_attentions,
         )
 
+    def inference_windows(self) -> dict[int, int]:
+        """Cache window per windowed layer: the learned span where adaptive spans are on, else the config's."""
+        return {
+            i: layer.mixer.cache_window() for i, layer in enumerate(self.layers) if hasattr(layer.mixer, "cache_window")
+        }
+
+    def attention_spans(self) -> dict[int, torch.Tensor]:
+        """Learned span in tokens `(heads,)` of every adaptive-span layer, by layer index."""
+        return {
+            i: layer.mixer.spans().detach()
+            for i, layer in enumerate(self.layers)
+            if getattr(layer.mixer, "adaptive_span", False)
+        }
+
+    def span_penalty(self) -> torch.Tensor | None:
+        """L1 penalty on the learned spans (mean span in tokens times `adaptive_span_loss_coef`), or None."""
+        spans = [layer.mixer.spans() for layer in self.layers if getattr(layer.mixer, "adaptive_span", False)]
+        if not spans or self.config.adaptive_span_loss_coef == 0:
+            return None
+        return self.config.adaptive_span_loss_coef * torch.cat(spans).mean()
+
     @staticmethod
     def _default_position_ids(
         inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int
@@ -288,7 +319,10 @@ class SonettModel(SonettPreTrainedModel):
 
 
 class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
-    """Sonett with a language-modelling head (tied to the input embedding by default)."""
+    """Sonett with a language-modelling head (tied to the input embedding by default).
+
+    With `config.adaptive_span`, the training loss also carries the L1 penalty on the learned spans.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -300,6 +334,10 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def attention_spans(self) -> dict[int, torch.Tensor]:
+        """Learned span in tokens `(heads,)` of every adaptive-span layer, by layer index."""
+        return self.model.attention_spans()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -352,6 +390,9 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
                     "labels are aligned with input_ids (not pre-shifted) and need logits_to_keep=0."
                 )
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **loss_kwargs)
+            penalty = self.model.span_penalty() if self.training else None
+            if penalty is not None:
+                loss = loss + penalty.to(loss.dtype)
 
         return CausalLMOutputWithPast(
             loss=loss,
