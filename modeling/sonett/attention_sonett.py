@@ -169,9 +169,12 @@ class SonettAttention(nn.Module):
             self.config._attn_implementation, eager_attention_forward
         )
         if self.adaptive_span:
-            attention_mask = self.span_bias(query.shape[-2], key.shape[-2], attention_mask, query.dtype)
             if self.config._attn_implementation not in ("eager", "sdpa"):
-                attention_interface = eager_attention_forward
+                raise ValueError(
+                    f"adaptive_span needs attn_implementation 'eager' or 'sdpa', not "
+                    f"{self.config._attn_implementation!r}; call model.set_attn_implementation('sdpa')."
+                )
+            attention_mask = self.span_bias(query.shape[-2], key.shape[-2], attention_mask, query.dtype)
         output, weights = attention_interface(
             self,
             query,

@@ -227,7 +227,7 @@ class SonettModel(SonettPreTrainedModel):
         if self.gradient_checkpointing and self.training:
             use_cache = False
         past_length = cache.get_seq_length() if cache is not None else 0
-        cache_batch_size = cache.cached_batch_size() if isinstance(cache, SonettCache) else None
+        cache_batch_size = cache.cached_batch_size() if hasattr(cache, "cached_batch_size") else None
         check_text_inputs(
             self.config, input_ids, inputs_embeds, attention_mask, position_ids, past_length, cache_batch_size
         )
@@ -235,7 +235,7 @@ class SonettModel(SonettPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
-            cache = SonettCache(self.config, layer_windows=self.inference_windows())
+            cache = self.make_cache()
         if position_ids is None:
             position_ids = self._default_position_ids(inputs_embeds, attention_mask, past_length)
 
@@ -283,6 +283,10 @@ class SonettModel(SonettPreTrainedModel):
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
+
+    def make_cache(self) -> SonettCache:
+        """An empty cache for this model, its windowed layers trimmed to what their heads can see."""
+        return SonettCache(self.config, layer_windows=self.inference_windows())
 
     def inference_windows(self) -> dict[int, int]:
         """Cache window per windowed layer: the learned span where adaptive spans are on, else the config's."""
@@ -338,6 +342,10 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
     def attention_spans(self) -> dict[int, torch.Tensor]:
         """Learned span in tokens `(heads,)` of every adaptive-span layer, by layer index."""
         return self.model.attention_spans()
+
+    def make_cache(self) -> SonettCache:
+        """An empty cache for this model (see `SonettModel.make_cache`)."""
+        return self.model.make_cache()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(

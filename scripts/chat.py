@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Chat with a Sonett model in the terminal; `--memory FILE` keeps the conversation across processes.
+
+    python scripts/chat.py runs/sonett-tiny --memory runs/chat-memory.safetensors
+
+Each turn feeds only its own tokens to the model on top of the saved decoding state (`SonettCache`), and
+the state is written back after every reply, so a later run continues where this one stopped without
+re-reading earlier turns. Type /reset to start over, /quit (or end the input) to leave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sonett.conversation import Conversation
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a Sonett model folder or Hub id")
+    parser.add_argument("--memory", type=Path, default=None, help="safetensors file holding the conversation state")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top_p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--revision", default=None, help="pin a Hub commit when loading remote code")
+    args = parser.parse_args()
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
+    if args.memory is not None and args.memory.is_file():
+        conversation = Conversation.load(args.memory, model, tokenizer)
+        print(f"[memory] continuing from {args.memory}: {conversation.tokens_in_state} tokens in the state")
+    else:
+        conversation = Conversation(model, tokenizer)
+    generator = torch.Generator().manual_seed(args.seed)
+    interactive = sys.stdin.isatty()
+
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            break
+        message = line.rstrip("\n")
+        if message.strip() == "/reset":
+            conversation = Conversation(model, tokenizer)
+            print("[memory] cleared")
+            continue
+        if not message.strip():
+            continue
+        print("sonett> ", end="", flush=True)
+        for piece in conversation.reply(message, args.max_new_tokens, args.temperature, args.top_p, generator):
+            print(piece, end="", flush=True)
+        print()
+        if args.memory is not None:
+            conversation.save(args.memory)
+    print(
+        f"[memory] {conversation.tokens_in_state} tokens in the state, {conversation.cache.nbytes():,} bytes; "
+        f"this session read {conversation.prompt_tokens_read} prompt tokens"
+    )
+
+
+if __name__ == "__main__":
+    main()
