@@ -35,6 +35,64 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     return expanded.reshape(batch, kv_heads * n_rep, seq_len, head_dim)
 
 
+class BlockedLocalMask:
+    """Mask marker for a long windowed prefill with no padding and an empty cache.
+
+    Instead of a `(seq, seq)` mask, the mixer cuts the sequence into blocks of `window` queries that each see
+    their own block and the previous one, and runs the attention interface on those blocks: O(seq * window)
+    time and memory instead of O(seq^2).
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+
+
+def blocked_local_attention(
+    module: nn.Module,
+    attention_interface: Callable,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    window: int,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal sliding-window attention of `query` over `key`/`value` (same length), computed blockwise.
+
+    query `(batch, heads, seq, head_dim)`, key/value `(batch, kv_heads, seq, head_dim)`; a query at position t
+    sees keys t - window + 1 .. t. Returns `(batch, seq, heads, head_dim)`.
+    """
+    batch, heads, seq_len, head_dim = query.shape
+    blocks = math.ceil(seq_len / window)
+    pad = blocks * window - seq_len
+
+    def to_blocks(x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.pad(x, (0, 0, 0, pad)).view(batch, x.shape[1], blocks, window, head_dim)
+        return x.transpose(1, 2)  # (batch, blocks, heads, window, head_dim)
+
+    def with_previous(x: torch.Tensor) -> torch.Tensor:
+        previous = nn.functional.pad(x, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1]
+        return torch.cat([previous, x], dim=3)  # (batch, blocks, kv_heads, 2 * window, head_dim)
+
+    q_blocks = to_blocks(query).reshape(batch * blocks, heads, window, head_dim)
+    k_blocks = with_previous(to_blocks(key)).reshape(batch * blocks, -1, 2 * window, head_dim)
+    v_blocks = with_previous(to_blocks(value)).reshape(batch * blocks, -1, 2 * window, head_dim)
+    # query r of block i sits at i*W + r, key c of the pair at (i-1)*W + c: distance W + r - c in [0, W).
+    rows = torch.arange(window, device=query.device)[:, None]
+    cols = torch.arange(2 * window, device=query.device)[None, :]
+    visible = (cols <= window + rows) & (cols > rows)
+    first_block = visible & (cols >= window)  # block 0 has no previous block
+    visible = torch.stack([first_block] + [visible] * (blocks - 1))[:, None]  # (blocks, 1, W, 2W)
+    visible = visible.expand(blocks, 1, window, 2 * window).repeat(batch, 1, 1, 1)
+    if module.config._attn_implementation == "eager":
+        mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
+        mask = mask.masked_fill(~visible, torch.finfo(query.dtype).min)
+    else:
+        mask = visible
+    output, _ = attention_interface(module, q_blocks, k_blocks, v_blocks, mask, **kwargs)
+    output = output.reshape(batch, blocks * window, heads, head_dim)[:, :seq_len]
+    return output, None
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -130,10 +188,29 @@ class SonettAttention(nn.Module):
         return bias
 
     @staticmethod
-    def build_mask(kind: str, **mask_kwargs) -> torch.Tensor | None:
-        """The mask of one layer kind, in the format the configured attention backend expects."""
-        builder = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-        return builder(**mask_kwargs)
+    def build_mask(kind: str, allow_blocked: bool = True, **mask_kwargs) -> torch.Tensor | BlockedLocalMask | None:
+        """The mask of one layer kind, in the format the configured attention backend expects.
+
+        A long windowed prefill (no padding, nothing cached, eager or sdpa) gets a `BlockedLocalMask` instead of
+        a dense `(seq, seq)` mask, unless `allow_blocked` is False (attention weights were requested).
+        """
+        if kind == "full_attention":
+            return create_causal_mask(**mask_kwargs)
+        config, cache = mask_kwargs["config"], mask_kwargs["cache"]
+        attention_mask, seq_len = mask_kwargs["attention_mask"], mask_kwargs["inputs_embeds"].shape[1]
+        window = cache.layer_windows[mask_kwargs["layer_idx"]] if cache is not None else config.sliding_window
+        unpadded = attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))
+        empty = cache is None or cache.get_seq_length(mask_kwargs["layer_idx"]) == 0
+        if (
+            allow_blocked
+            and unpadded
+            and empty
+            and seq_len > 2 * window
+            and config._attn_implementation in ("eager", "sdpa")
+            and not config.adaptive_span
+        ):
+            return BlockedLocalMask(window)
+        return create_sliding_window_causal_mask(**mask_kwargs)
 
     def forward(
         self,
@@ -168,6 +245,16 @@ class SonettAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        common = {
+            "dropout": self.attention_dropout if self.training else 0.0,
+            "scaling": self.scaling,
+            "sliding_window": self.sliding_window,
+        }
+        if isinstance(attention_mask, BlockedLocalMask):
+            output, weights = blocked_local_attention(
+                self, attention_interface, query, key, value, attention_mask.window, **common, **kwargs
+            )
+            return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
         if self.adaptive_span:
             if self.config._attn_implementation not in ("eager", "sdpa"):
                 raise ValueError(
@@ -175,17 +262,7 @@ class SonettAttention(nn.Module):
                     f"{self.config._attn_implementation!r}; call model.set_attn_implementation('sdpa')."
                 )
             attention_mask = self.span_bias(query.shape[-2], key.shape[-2], attention_mask, query.dtype)
-        output, weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            sliding_window=self.sliding_window,
-            **kwargs,
-        )
+        output, weights = attention_interface(self, query, key, value, attention_mask, **common, **kwargs)
         output = self.o_proj(output.reshape(*input_shape, -1).contiguous())
         return output, weights
 

@@ -254,7 +254,8 @@ class SonettModel(SonettPreTrainedModel):
         position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer_idx, (layer, key) in enumerate(zip(self.layers, mask_keys)):
             if key not in masks:
-                masks[key] = layer.mixer.build_mask(layer.kind, layer_idx=layer_idx, **mask_kwargs)
+                extra = {"allow_blocked": not output_attentions} if isinstance(layer.mixer, SonettAttention) else {}
+                masks[key] = layer.mixer.build_mask(layer.kind, layer_idx=layer_idx, **extra, **mask_kwargs)
             if layer.kind in ROPE_KINDS and layer.kind not in position_embeddings:
                 position_embeddings[layer.kind] = self.rotary_emb(inputs_embeds, position_ids, layer.kind)
 
