@@ -286,21 +286,22 @@ def test_prefill_then_decode_matches_full_forward(variant):
     assert cache.get_seq_length() == PROMPT_LEN
 
 
-@pytest.mark.parametrize("chunks", [(5, 4, 3), (2, 7, 3), (1, 8, 4)], ids=["5-4-3", "2-7-3", "1-8-4"])
 @variants
-def test_chunked_prefill_matches_full_forward(variant, chunks):
+def test_chunked_prefill_matches_full_forward(variant):
+    """Prefill in pieces that cut through the chunks (CHUNK = 4), then decode one token."""
     model = linear_model(variant)
-    ids = random_ids(2, sum(chunks), seed=3)
-    nxt = random_ids(2, 1, seed=4)
-    with torch.no_grad():
-        full = model(torch.cat([ids, nxt], dim=1)).logits
-        cache = SonettCache(model.config)
-        pieces, start = [], 0
-        for size in chunks:
-            pieces.append(model(ids[:, start : start + size], cache=cache, use_cache=True).logits)
-            start += size
-        pieces.append(model(nxt, cache=cache, use_cache=True).logits)
-    assert max_diff(torch.cat(pieces, dim=1), full) <= 1e-4
+    for seed, chunks in enumerate([(5, 4, 3), (1, 8, 4)]):
+        ids = random_ids(2, sum(chunks), seed=3 + seed)
+        nxt = random_ids(2, 1, seed=4)
+        with torch.no_grad():
+            full = model(torch.cat([ids, nxt], dim=1)).logits
+            cache = SonettCache(model.config)
+            pieces, start = [], 0
+            for size in chunks:
+                pieces.append(model(ids[:, start : start + size], cache=cache, use_cache=True).logits)
+                start += size
+            pieces.append(model(nxt, cache=cache, use_cache=True).logits)
+        assert max_diff(torch.cat(pieces, dim=1), full) <= 1e-4, chunks
 
 
 def test_decoding_reads_the_linear_state():
@@ -343,8 +344,9 @@ ROW_LENGTHS = (12, 7, 3, 10)
 
 
 def padded_batch():
+    """Left-padded rows; the padding is an ordinary token (its embedding is not zero), so only the mask hides it."""
     rows = [random_ids(1, n, seed=20 + i)[0] for i, n in enumerate(ROW_LENGTHS)]
-    input_ids, attention_mask = left_pad(rows)
+    input_ids, attention_mask = left_pad(rows, pad_id=VOCAB - 1)
     return rows, input_ids, attention_mask
 
 
@@ -365,6 +367,23 @@ def test_left_padded_batch_and_decode_match_rows_alone(variant):
             assert max_diff(torch.stack([steps[0][i], steps[1][i]]), alone[-2:]) <= 1e-5, i
 
 
+@pytest.mark.parametrize("variant", ["linear-taylor-conv0", "linear-identity-conv0"])
+def test_masked_tokens_are_invisible_to_the_recurrence(variant):
+    """Without a convolution, a masked token anywhere (even after a cached state) neither writes nor decays."""
+    model = linear_model(variant)
+    ids = random_ids(1, 9, seed=11)
+    holes = torch.tensor([[1, 1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 1]])
+    with_holes = torch.full(holes.shape, VOCAB - 1)
+    with_holes[holes.bool()] = ids[0]
+    with torch.no_grad():
+        alone = model(ids).logits[0]
+        whole = model(with_holes, attention_mask=holes).logits[0]
+        cache = model(with_holes[:, :5], attention_mask=holes[:, :5], use_cache=True).cache
+        rest = model(with_holes[:, 5:], attention_mask=holes, cache=cache).logits[0]
+    assert max_diff(whole[holes[0].bool()], alone) <= 1e-5
+    assert max_diff(rest[holes[0, 5:].bool()], alone[4:]) <= 1e-5
+
+
 # ----------------------------------------------------------------------------------------------------------
 # generate(): the cache gives the same tokens as recomputing everything
 # ----------------------------------------------------------------------------------------------------------
@@ -377,8 +396,15 @@ STRATEGIES = {
 NEW_TOKENS = 8
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-@variants
+# greedy for every variant; sampling and beam search for one linear-only and two hybrid variants
+GENERATE_CASES = [(variant, "greedy") for variant in VARIANTS] + [
+    (variant, strategy)
+    for variant in ("linear-taylor-conv4", "hybrid-taylor-conv4", "hybrid-elu-conv0")
+    for strategy in ("sample", "beam-3")
+]
+
+
+@pytest.mark.parametrize(("variant", "strategy"), GENERATE_CASES)
 def test_generate_with_and_without_cache_agree(variant, strategy):
     model = linear_model(variant)
     input_ids, attention_mask = left_pad([random_ids(1, 6, seed=41)[0], random_ids(1, 4, seed=42)[0]])

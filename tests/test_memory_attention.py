@@ -10,6 +10,7 @@ from helpers_model import PAD, VOCAB, WINDOW, left_pad, random_ids, tiny_config
 from torch.nn import functional as F
 
 from sonett import SonettCache, SonettForCausalLM
+from sonett.attention_sonett import BlockedLocalMask
 from sonett.layers_sonett import SonettRotaryEmbedding, apply_rotary_pos_emb
 from sonett.memory_attention_sonett import MemoryAttentionMask, SonettMemoryAttention, memory_read
 
@@ -21,6 +22,15 @@ MEMORY_MIXES = {
 }
 memory_mixes = pytest.mark.parametrize("mix", list(MEMORY_MIXES))
 CHUNK = 3  # memory_chunk_size of the tiny models: several chunks, and it divides few lengths
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: one intra-op thread is faster, and does not stall when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def max_diff(a, b):
@@ -52,25 +62,31 @@ def unit(x):
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def naive_memory_read(q, k, v, window, update, key_mask=None):
-    """q (b, H, n, d), k/v (b, kvh, n, d), raw: query t reads the memory of the tokens j <= t - window."""
+def naive_memory_read(q, k, v, window, update, key_mask=None, return_state=False):
+    """q (b, H, n, d), k/v (b, kvh, n, d), raw: query t reads the memory of the tokens j <= t - window.
+
+    With `return_state`, also the state once token n leaves the window too, i.e. holding tokens 0..n - window.
+    """
     b, heads, n, d = q.shape
     kv_heads = k.shape[1]
     memory = torch.zeros(b, kv_heads, d, v.shape[-1])
     normalizer = torch.zeros(b, kv_heads, d)
+
+    def fold(j, memory, normalizer):  # token j leaves the window
+        real = torch.ones(b) if key_mask is None else key_mask[:, j].float()
+        fk = sigma(k[:, :, j]) * real[:, None, None]  # (b, kvh, d)
+        if update == "linear":
+            memory = memory + fk[..., :, None] * v[:, :, j, None, :]
+        else:
+            kh = unit(fk)
+            residual = v[:, :, j] - (kh[..., None, :] @ memory)[..., 0, :]
+            memory = memory + kh[..., :, None] * residual[..., None, :]
+        return memory, normalizer + fk
+
     outputs = []
     for t in range(n):
-        j = t - window
-        if j >= 0:  # token j leaves the window now
-            real = torch.ones(b) if key_mask is None else key_mask[:, j].float()
-            fk = sigma(k[:, :, j]) * real[:, None, None]  # (b, kvh, d)
-            if update == "linear":
-                memory = memory + fk[..., :, None] * v[:, :, j, None, :]
-            else:
-                kh = unit(fk)
-                residual = v[:, :, j] - (kh[..., None, :] @ memory)[..., 0, :]
-                memory = memory + kh[..., :, None] * residual[..., None, :]
-            normalizer = normalizer + fk
+        if t - window >= 0:
+            memory, normalizer = fold(t - window, memory, normalizer)
         shared_memory = memory.repeat_interleave(heads // kv_heads, dim=1)
         shared_normalizer = normalizer.repeat_interleave(heads // kv_heads, dim=1)
         fq = sigma(q[:, :, t])  # (b, H, d)
@@ -80,7 +96,11 @@ def naive_memory_read(q, k, v, window, update, key_mask=None):
         else:
             read = (unit(fq)[..., None, :] @ shared_memory)[..., 0, :]
         outputs.append(read)
-    return torch.stack(outputs, dim=2)
+    if not return_state:
+        return torch.stack(outputs, dim=2)
+    if n - window >= 0:
+        memory, normalizer = fold(n - window, memory, normalizer)
+    return torch.stack(outputs, dim=2), memory, normalizer
 
 
 def naive_local(q, k, v, window):
@@ -130,10 +150,11 @@ def output_and_grads(fn, tensors, seed=5):
 
 
 @pytest.mark.parametrize("window", [1, 4, 30])
-@pytest.mark.parametrize("chunk", [1, 5, 16])
+@pytest.mark.parametrize("chunk", [1, 5, 7, 16])
 @updates
 def test_chunked_memory_matches_naive(update, chunk, window):
-    """n = 13: chunk 1 and 16 are one-per-token and one-for-all, 5 does not divide 13; window 30 > n."""
+    """13 queries, so 14 delayed positions (the last one only folds): chunk 7 divides 14, 5 does not, 16 is one
+    chunk for all; window 1 is the shortest, 30 is longer than the sequence."""
     tensors = qkv()
 
     def chunked(q, k, v):
@@ -152,6 +173,13 @@ def test_chunked_memory_matches_naive(update, chunk, window):
     for grad, ref_grad in zip(grads, ref_grads):
         assert torch.isfinite(grad).all()
         assert max_diff(grad, ref_grad) <= 1e-4
+    # The state afterwards holds tokens 0..n - W (z = the sum of their sigma(k) in both modes).
+    with torch.no_grad():
+        _, memory, normalizer = memory_read(*tensors, delay=window, update=update, chunk_size=chunk)
+        _, ref_memory, ref_normalizer = naive_memory_read(*tensors, window, update, return_state=True)
+    assert memory.dtype == normalizer.dtype == torch.float32
+    assert max_diff(memory, ref_memory) <= 1e-4
+    assert max_diff(normalizer, ref_normalizer) <= 1e-4
 
 
 @updates
@@ -168,7 +196,7 @@ def test_padded_keys_never_enter_the_memory(update):
 
 
 @pytest.mark.parametrize("pieces", [(1,) * 14, (3, 1, 5, 2, 3), (6, 8)], ids=["token", "3-1-5-2-3", "6-8"])
-@pytest.mark.parametrize("window", [1, 4])
+@pytest.mark.parametrize("window", [1, 4, 20])
 @updates
 def test_recurrent_memory_matches_chunked(update, window, pieces):
     """Invariant 2: stepping with the stored window and state equals one chunked pass, outputs and gradients."""
@@ -232,11 +260,12 @@ def layer_setup(update, window, attn):
     return config, mixer, rotary
 
 
-def run_mixer(config, mixer, rotary, hidden, start=0, cache=None):
+def run_mixer(config, mixer, rotary, hidden, start=0, cache=None, allow_blocked=True):
     positions = torch.arange(start, start + hidden.shape[1])[None].expand(hidden.shape[0], -1)
     cos, sin = rotary(hidden, positions, "memory_attention")
     mask = mixer.build_mask(
         "memory_attention",
+        allow_blocked=allow_blocked,
         config=config,
         inputs_embeds=hidden,
         attention_mask=None,
@@ -245,20 +274,24 @@ def run_mixer(config, mixer, rotary, hidden, start=0, cache=None):
         layer_idx=0,
     )
     assert isinstance(mask, MemoryAttentionMask)
+    long_prefill = hidden.shape[1] > 2 * config.sliding_window and (cache is None or cache.get_seq_length() == 0)
+    assert isinstance(mask.local, BlockedLocalMask) == (allow_blocked and long_prefill)
     return mixer(hidden, position_embeddings=(cos, sin), attention_mask=mask, cache=cache)[0]
 
 
+@pytest.mark.parametrize("blocked", [True, False], ids=["blocked", "dense"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("window", [3, 20])
 @updates
-def test_layer_matches_naive_layer(update, window, attn):
+def test_layer_matches_naive_layer(update, window, attn, blocked):
+    """11 tokens > 2 * 3: with window 3 the local part runs blocked unless told otherwise."""
     config, mixer, rotary = layer_setup(update, window, attn)
     hidden = torch.randn(2, 11, config.hidden_size, generator=torch.Generator().manual_seed(1)).requires_grad_()
     positions = torch.arange(11)[None].expand(2, -1)
     cos, sin = rotary(hidden, positions, "memory_attention")
     params = [hidden, *mixer.parameters()]
 
-    out, grads = output_and_grads(lambda *_: run_mixer(config, mixer, rotary, hidden), params)
+    out, grads = output_and_grads(lambda *_: run_mixer(config, mixer, rotary, hidden, allow_blocked=blocked), params)
     ref, ref_grads = output_and_grads(lambda *_: naive_layer(mixer, hidden, cos, sin), params)
     assert max_diff(out, ref) <= 1e-5
     for grad, ref_grad in zip(grads, ref_grads):
@@ -310,6 +343,18 @@ def test_chunked_prefill_matches_full_forward(mix, update, chunks):
             pieces.append(model(ids[:, start : start + size], cache=cache, use_cache=True).logits)
             start += size
     assert max_diff(torch.cat(pieces, dim=1), full) <= 1e-4
+
+
+def test_output_attentions_are_the_local_window():
+    model = memory_model("memory", attn="eager")
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        out = model(ids, output_attentions=True)
+    for weights in out.attentions:
+        assert weights.shape == (2, model.config.num_attention_heads, 10, 10)
+        assert torch.allclose(weights.sum(-1), torch.ones(2, 4, 10), atol=1e-5)
+        assert float(weights.triu(1).abs().max()) == 0.0
+        assert float(weights.tril(-WINDOW).abs().max()) == 0.0  # the memory part has no attention weights
 
 
 # ----------------------------------------------------------------------------------------------------------

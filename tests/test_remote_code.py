@@ -22,7 +22,10 @@ REMOTE_FILES = (
     "cache_sonett.py",
     "attention_sonett.py",
     "layers_sonett.py",
+    "linear_attention_sonett.py",
+    "memory_attention_sonett.py",
 )
+EVERY_KIND = ["linear_attention", "sliding_attention", "memory_attention", "full_attention"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 NEW_TOKENS = 8
 ABSOLUTE_IMPORT = re.compile(r"^\s*(from\s+sonett\b|import\s+sonett\b)", re.MULTILINE)
@@ -100,11 +103,14 @@ def run_fresh(tmp_path, folder, ids, name, resave=None):
     return load_file(out_path)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A mixed-layer model, its folder and its own outputs for fixed ids."""
+@pytest.fixture(scope="module", params=["mixed", "every-kind"])
+def saved(request, tmp_path_factory):
+    """A mixed-layer model (softmax kinds only, or every kind), its folder and its own outputs for fixed ids."""
     folder = tmp_path_factory.mktemp("sonett_model")
-    model = tiny_model("mixed", seed=3)
+    if request.param == "mixed":
+        model = tiny_model("mixed", seed=3)
+    else:
+        model = tiny_model("full", seed=3, layer_types=EVERY_KIND, num_hidden_layers=len(EVERY_KIND))
     model.save_pretrained(folder)
     ids = random_ids(2, 11, seed=50)
     with torch.no_grad():

@@ -94,7 +94,12 @@ def test_reloaded_folder_reproduces_the_reported_validation_loss(run):
 def test_every_preset_is_a_valid_config(path):
     config = config_from_preset(load_preset(str(path)))
     assert len(config.layer_types) == config.num_hidden_layers
-    assert {"full_attention", "sliding_attention"} <= set(config.layer_types)
+    kinds = {"full_attention", "sliding_attention", "linear_attention", "memory_attention"}
+    if path.stem.endswith("-constant"):
+        assert "full_attention" not in config.layer_types
+        assert set(config.layer_types) == kinds - {"full_attention"}
+    else:
+        assert set(config.layer_types) == kinds
 
 
 def test_unknown_preset_names_the_available_ones():

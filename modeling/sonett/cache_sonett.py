@@ -157,8 +157,9 @@ class SonettMemoryLayer(SonettSlidingWindowLayer):
 class SonettLinearAttentionLayer(CacheLayerMixin):
     """Constant-size state of a `linear_attention` layer.
 
-    `recurrent_state` `(batch, heads, feature_dim, head_dim)` in fp32 and `conv_state` `(batch, channels,
-    conv_size - 1)`, the last inputs of the short causal convolution (None without a convolution).
+    `recurrent_state` `(batch, heads, d_phi, head_dim)` in fp32 (d_phi is the feature size, 1 + d + d^2 for the
+    Taylor map) and `conv_state` `(batch, channels, conv_size - 1)`, the last inputs of the short causal
+    convolution (None without a convolution).
     """
 
     is_sliding = False

@@ -29,10 +29,9 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_sliding_window_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention_sonett import SonettAttention, eager_attention_forward
+from .attention_sonett import BlockedLocalMask, SonettAttention, blocked_local_attention, eager_attention_forward
 from .cache_sonett import SonettMemoryLayer
 from .configuration_sonett import SonettConfig
 from .layers_sonett import apply_rotary_pos_emb
@@ -46,7 +45,8 @@ NORM_FLOOR = 1e-12
 class MemoryAttentionMask(NamedTuple):
     """What `SonettMemoryAttention.build_mask` hands the model, which passes it on unopened.
 
-    local: the sliding-window causal mask of the local attention (4-D, a BlockMask, or None).
+    local: the mask of the local attention, exactly as a `sliding_attention` layer gets it (4-D, a BlockMask, a
+        `BlockedLocalMask` for a long unpadded prefill, or None).
     padding: the 2-D padding mask `(batch, cached + new tokens)`, True for real tokens; None when the caller gave
         no 2-D mask (then every token is real).
     """
@@ -175,7 +175,7 @@ def memory_read(
         zeros = x.new_zeros(batch, kv_heads, lead, x.shape[-1])
         return torch.cat([zeros, x[:, :, : length + 1 - lead]], dim=-2)
 
-    query_features = memory_feature_map(queries.float()).view(batch, kv_heads, groups, length, dim)
+    query_features = memory_feature_map(queries.float()).reshape(batch, kv_heads, groups, length, dim)
     query_features = torch.cat([query_features, query_features.new_zeros(batch, kv_heads, groups, 1, dim)], dim=-2)
     output, memory, normalizer = chunked_memory_attention(
         query_features, delayed(key_features), delayed(values), memory, normalizer, update, chunk_size
@@ -195,7 +195,6 @@ class SonettMemoryAttention(SonettAttention):
         self.sliding_window = config.sliding_window
         self.memory_update = config.memory_update
         self.memory_chunk_size = config.memory_chunk_size
-        self.num_heads = config.num_attention_heads
         self.gate = nn.Parameter(torch.zeros(config.num_attention_heads))
 
     def reset_sonett_parameters(self) -> None:
@@ -203,14 +202,14 @@ class SonettMemoryAttention(SonettAttention):
 
     @staticmethod
     def build_mask(kind: str, allow_blocked: bool = True, **mask_kwargs) -> MemoryAttentionMask:
-        """The local sliding-window mask and the 2-D padding mask (for the memory) of the current step.
+        """The local mask of a `sliding_attention` layer and the 2-D padding mask (for the memory) of this step.
 
-        `allow_blocked` (what the model passes to every `SonettAttention`) is accepted and ignored: the local part
-        always gets the dense sliding-window mask.
+        `allow_blocked` as in `SonettAttention.build_mask` (False when attention weights were requested).
         """
         attention_mask = mask_kwargs.get("attention_mask")
         padding = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
-        return MemoryAttentionMask(local=create_sliding_window_causal_mask(**mask_kwargs), padding=padding)
+        local = SonettAttention.build_mask("sliding_attention", allow_blocked=allow_blocked, **mask_kwargs)
+        return MemoryAttentionMask(local=local, padding=padding)
 
     def _cache_layer(self, cache: Cache) -> SonettMemoryLayer:
         layer = cache.layers[self.layer_idx]
@@ -287,17 +286,17 @@ class SonettMemoryAttention(SonettAttention):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        local_output, weights = attention_interface(
-            self,
-            query,
-            key,
-            local_value,
-            local_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            sliding_window=self.sliding_window,
-            **kwargs,
-        )
+        common = {
+            "dropout": self.attention_dropout if self.training else 0.0,
+            "scaling": self.scaling,
+            "sliding_window": self.sliding_window,
+        }
+        if isinstance(local_mask, BlockedLocalMask):
+            local_output, weights = blocked_local_attention(
+                self, attention_interface, query, key, local_value, local_mask.window, **common, **kwargs
+            )
+        else:
+            local_output, weights = attention_interface(self, query, key, local_value, local_mask, **common, **kwargs)
 
         # Mix per query head: (batch, L, heads, head_dim).
         gate = torch.sigmoid(self.gate).to(local_output.dtype)[:, None]
