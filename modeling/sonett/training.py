@@ -47,12 +47,12 @@ class PretrainArguments:
     block_size: int = 256
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
-    max_steps: int = 1000
+    max_steps: int = 800
     learning_rate: float = 3e-3
     weight_decay: float = 0.1
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
-    eval_steps: int = 250
+    eval_steps: int = 200
     eval_blocks: int = 256
     validation_fraction: float = 0.02
     max_documents: int | None = None
