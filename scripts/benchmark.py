@@ -4,7 +4,8 @@
 Both models get the same width, depth, heads, KV heads, MLP width and vocabulary, random weights, fp32 and
 sdpa attention. For each context length, a fresh worker process per model measures:
 
-- prefill time: one forward over the whole context (batch 1), building the cache;
+- prefill time: one forward over the whole context (batch 1) that builds the cache and, as `generate()` does,
+  computes logits for the last position only (`logits_to_keep=1`);
 - peak memory: the process's peak resident memory during prefill minus its resident memory just before;
 - decode: mean milliseconds per greedy token over the next tokens, with the cache;
 - cache bytes: the size of the decoding state after prefill.
@@ -77,7 +78,7 @@ def worker(model_name: str, preset: str, context: int, decode_tokens: int) -> di
 
     resident_before = psutil.Process().memory_info().rss
     started = time.perf_counter()
-    out = model(ids, use_cache=True)
+    out = model(ids, use_cache=True, logits_to_keep=1)
     prefill_seconds = time.perf_counter() - started
     peak = max(peak_rss_bytes() - resident_before, 0)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
