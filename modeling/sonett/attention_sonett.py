@@ -242,6 +242,22 @@ class SonettAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
+        output, weights = self.attend(query, key, value, attention_mask, **kwargs)
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | BlockedLocalMask | None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Softmax attention through the configured backend, blockwise for a `BlockedLocalMask`.
+
+        query `(batch, heads, q_len, head_dim)`, key/value `(batch, kv_heads, kv_len, head_dim)` (RoPE applied,
+        cache already updated). Returns `(batch, q_len, heads, head_dim)` and the weights (eager only).
+        """
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -251,10 +267,9 @@ class SonettAttention(nn.Module):
             "sliding_window": self.sliding_window,
         }
         if isinstance(attention_mask, BlockedLocalMask):
-            output, weights = blocked_local_attention(
+            return blocked_local_attention(
                 self, attention_interface, query, key, value, attention_mask.window, **common, **kwargs
             )
-            return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
         if self.adaptive_span:
             if self.config._attn_implementation not in ("eager", "sdpa"):
                 raise ValueError(
@@ -262,9 +277,7 @@ class SonettAttention(nn.Module):
                     f"{self.config._attn_implementation!r}; call model.set_attn_implementation('sdpa')."
                 )
             attention_mask = self.span_bias(query.shape[-2], key.shape[-2], attention_mask, query.dtype)
-        output, weights = attention_interface(self, query, key, value, attention_mask, **common, **kwargs)
-        output = self.o_proj(output.reshape(*input_shape, -1).contiguous())
-        return output, weights
+        return attention_interface(self, query, key, value, attention_mask, **common, **kwargs)
 
 
 __all__ = ["SonettAttention", "eager_attention_forward"]

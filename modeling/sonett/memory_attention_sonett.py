@@ -21,7 +21,6 @@ window length, starting from the stored memory. Left padding never enters the me
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -29,9 +28,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention_sonett import BlockedLocalMask, SonettAttention, blocked_local_attention, eager_attention_forward
+from .attention_sonett import SonettAttention
 from .cache_sonett import SonettMemoryLayer
 from .configuration_sonett import SonettConfig
 from .layers_sonett import apply_rotary_pos_emb
@@ -283,20 +281,7 @@ class SonettMemoryAttention(SonettAttention):
             layer.set_memory(memory, normalizer)
 
         # Local part, exactly as a sliding_attention layer.
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        common = {
-            "dropout": self.attention_dropout if self.training else 0.0,
-            "scaling": self.scaling,
-            "sliding_window": self.sliding_window,
-        }
-        if isinstance(local_mask, BlockedLocalMask):
-            local_output, weights = blocked_local_attention(
-                self, attention_interface, query, key, local_value, local_mask.window, **common, **kwargs
-            )
-        else:
-            local_output, weights = attention_interface(self, query, key, local_value, local_mask, **common, **kwargs)
+        local_output, weights = self.attend(query, key, local_value, local_mask, **kwargs)
 
         # Mix per query head: (batch, L, heads, head_dim).
         gate = torch.sigmoid(self.gate).to(local_output.dtype)[:, None]
