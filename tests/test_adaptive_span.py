@@ -152,3 +152,19 @@ def test_span_parameter_survives_save_and_load(tmp_path):
     reloaded = SonettForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.allclose(reloaded.attention_spans()[0], model.attention_spans()[0])
     assert isinstance(reloaded.model.layers[0].mixer.span_logit, nn.Parameter)
+
+
+def test_span_penalty_is_shared_across_accumulated_micro_batches():
+    """With `num_items_in_batch`, two micro-batches add up to one penalty, as one large batch would."""
+    model = span_model(("sliding_attention",), adaptive_span_loss_coef=0.01)
+    model.train()
+    ids = random_ids(4, 9)
+    labels = ids.clone()
+    labels[:1, :4] = -100
+    total = int((labels[:, 1:] != -100).sum())
+    with torch.no_grad():
+        whole = model(ids, labels=labels, num_items_in_batch=total).loss
+        halves = sum(
+            model(ids[part], labels=labels[part], num_items_in_batch=total).loss for part in (slice(0, 2), slice(2, 4))
+        )
+    assert halves.item() == pytest.approx(whole.item(), rel=1e-5)

@@ -401,6 +401,10 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **loss_kwargs)
             penalty = self.model.span_penalty() if self.training else None
             if penalty is not None:
+                if loss_kwargs.get("num_items_in_batch") is not None:
+                    # Under gradient accumulation each micro-batch carries its share, so the sum is one penalty.
+                    items = (labels[..., 1:] != -100).sum()
+                    penalty = penalty * items / loss_kwargs["num_items_in_batch"]
                 loss = loss + penalty.to(loss.dtype)
 
         return CausalLMOutputWithPast(
