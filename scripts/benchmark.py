@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def peak_rss_bytes() -> int:
 
 
 @torch.no_grad()
-def worker(model_name: str, preset: str, context: int, decode_tokens: int) -> dict:
+def worker(model_name: str, preset: str, context: int, decode_tokens: int, prefill_chunk: int = 0) -> dict:
     """Measure one model at one context length (run in a fresh process so peak memory is its own)."""
     sonett, llama = build_models(preset)
     model = sonett if model_name == "sonett" else llama
@@ -78,7 +79,12 @@ def worker(model_name: str, preset: str, context: int, decode_tokens: int) -> di
 
     resident_before = psutil.Process().memory_info().rss
     started = time.perf_counter()
-    out = model(ids, use_cache=True, logits_to_keep=1)
+    if prefill_chunk:  # the same chunked prefill for both models, through their caches
+        cache = model.make_cache() if hasattr(model, "make_cache") else DynamicCache(config=model.config)
+        for start in range(0, context, prefill_chunk):
+            out = model(ids[:, start : start + prefill_chunk], cache=cache, use_cache=True, logits_to_keep=1)
+    else:
+        out = model(ids, use_cache=True, logits_to_keep=1)
     prefill_seconds = time.perf_counter() - started
     peak = max(peak_rss_bytes() - resident_before, 0)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
@@ -105,6 +111,7 @@ def worker(model_name: str, preset: str, context: int, decode_tokens: int) -> di
 def run_worker(model_name: str, args: argparse.Namespace, context: int) -> dict:
     command = [sys.executable, __file__, "--worker", model_name, "--preset", args.preset]
     command += ["--contexts", str(context), "--decode_tokens", str(args.decode_tokens)]
+    command += ["--prefill_chunk", str(args.prefill_chunk)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     if result.returncode != 0:
         raise RuntimeError(f"{model_name} at {context} tokens failed:\n{result.stderr[-2000:]}")
@@ -143,11 +150,14 @@ def main() -> None:
     parser.add_argument("--decode_tokens", type=int, default=32)
     parser.add_argument("--plot", type=Path, default=ROOT / "runs" / "benchmark.png")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw rows here")
+    parser.add_argument(
+        "--prefill_chunk", type=int, default=0, help="prefill in chunks of this many tokens (0: one pass)"
+    )
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
     parser.add_argument("--worker", choices=["sonett", "llama"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.preset, args.contexts[0], args.decode_tokens)))
+        print(json.dumps(worker(args.worker, args.preset, args.contexts[0], args.decode_tokens, args.prefill_chunk)))
         return
 
     rows = []
@@ -160,7 +170,10 @@ def main() -> None:
         by_key["sonett", args.contexts[0]]["parameters"],
         by_key["llama", args.contexts[0]]["parameters"],
     )
-    print(f"\n{args.preset} ({sonett_params:,} parameters) vs LlamaForCausalLM ({llama_params:,} parameters)\n")
+    prefill = f"prefill in chunks of {args.prefill_chunk}" if args.prefill_chunk else "one-pass prefill"
+    print(
+        f"\n{args.preset} ({sonett_params:,} parameters) vs LlamaForCausalLM ({llama_params:,} parameters), {prefill}\n"
+    )
     print("| context | prefill s (Sonett / Llama) | speed-up | peak MiB (Sonett / Llama) | ratio "
           "| decode ms/token (Sonett / Llama) | speed-up | cache MiB (Sonett / Llama) |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -172,7 +185,7 @@ def main() -> None:
             f"| {s['decode_ms']:.1f} / {l['decode_ms']:.1f} | {l['decode_ms'] / s['decode_ms']:.1f}x "
             f"| {s['cache_mb']:.2f} / {l['cache_mb']:.2f} |"
         )
-    plot(rows, args.plot, args.preset)
+    plot(rows, args.plot, f"{args.preset}, {prefill}")
     print(f"\nplot: {args.plot}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -144,3 +144,20 @@ def test_deprecated_past_key_values_kwarg_still_reaches_the_cache():
             step = model(ids[:, -1:], past_key_values=cache).logits[:, -1]
         full = model(ids).logits[:, -1]
     assert (step - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_chunked_prefill_in_generate_matches_one_pass(padded):
+    layer_types = ["linear_attention", "sliding_attention", "memory_attention", "full_attention"]
+    model = tiny_model("full", layer_types=layer_types, num_hidden_layers=len(layer_types))
+    if padded:
+        ids, mask = left_pad([random_ids(1, 13)[0], random_ids(1, 7, seed=3)[0]])
+    else:
+        ids, mask = random_ids(2, 23), None
+    kwargs = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False, "pad_token_id": PAD}
+    with torch.no_grad():
+        one_pass = model.generate(ids, **kwargs)
+        chunked = model.generate(ids, prefill_chunk_size=4, **kwargs)
+        uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(chunked, one_pass)
+    assert torch.equal(one_pass, uncached)

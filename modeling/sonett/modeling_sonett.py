@@ -348,6 +348,12 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
         """An empty cache for this model (see `SonettModel.make_cache`)."""
         return self.model.make_cache()
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+        """Give `generate()` this model's own `SonettCache` up front (so `prefill_chunk_size` works too)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            model_kwargs["cache"] = self.make_cache()
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
