@@ -110,6 +110,8 @@ def test_round_trip_of_defaults(tmp_path):
         ({"hidden_size": 30, "num_attention_heads": 4}, "num_attention_heads"),
         ({"num_attention_heads": 8, "num_key_value_heads": 3}, "num_key_value_heads"),
         ({"sliding_window": 0}, "sliding_window"),
+        ({"sliding_window": 1}, "sliding_window must be >= 2"),
+        ({"num_hidden_layers": 2, "layer_types": ["memory_attention"] * 2, "sliding_window": 1}, "sliding_window"),
         ({"sliding_window": None}, "sliding_window"),
         (
             {"num_hidden_layers": 2, "layer_types": ["full_attention", "sliding_attention"], "sliding_window": 0},
@@ -140,6 +142,8 @@ def test_round_trip_of_defaults(tmp_path):
         "heads-not-dividing-hidden",
         "kv-heads-not-dividing-heads",
         "window-zero",
+        "window-one",
+        "window-one-memory",
         "window-none",
         "window-zero-mixed",
         "pad-id-too-large",

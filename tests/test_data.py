@@ -85,3 +85,12 @@ def test_bad_corpora_raise_clear_errors(tmp_path):
         load_corpus([str(tmp_path / "corpus.csv")])
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         load_corpus([str(tmp_path / "missing.txt")])
+
+
+def test_split_falls_back_to_the_given_text_column():
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict({"body": [f"document number {i}" for i in range(40)]})
+    splits = split_by_document(dataset, 0.2, key="path", text_column="body")
+    assert len(splits["train"]) + len(splits["validation"]) == 40
+    assert set(splits["train"]["body"]).isdisjoint(splits["validation"]["body"])

@@ -122,10 +122,50 @@ def test_labels_need_all_logits(model):
         run(model, input_ids=ids, labels=ids, logits_to_keep=1)
 
 
-def test_valid_labels_give_a_finite_loss(model):
+def test_valid_labels_give_a_finite_loss_that_ignores_minus_100(model):
     ids = random_ids(2, 6)
     labels = ids.clone()
     labels[0, :3] = -100
-    loss = run(model, input_ids=ids, labels=labels).loss
-    assert loss.ndim == 0
-    assert torch.isfinite(loss)
+    output = run(model, input_ids=ids, labels=labels)
+    assert output.loss.ndim == 0
+    assert torch.isfinite(output.loss)
+    logits, targets = output.logits[:, :-1], labels[:, 1:]
+    kept = targets != -100
+    expected = torch.nn.functional.cross_entropy(logits[kept], targets[kept])
+    assert output.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_float_labels_are_refused(model):
+    ids = random_ids(1, 5)
+    with pytest.raises(ValueError, match="`labels` must hold integer token ids"):
+        run(model, input_ids=ids, labels=ids.float())
+
+
+def test_position_ids_of_the_wrong_shape_are_refused_and_1d_is_accepted(model):
+    ids = random_ids(2, 4)
+    with pytest.raises(ValueError, match="`position_ids` has shape"):
+        run(model, input_ids=ids, position_ids=torch.arange(4).expand(3, 4))
+    with pytest.raises(ValueError, match="`position_ids` has shape"):
+        run(model, input_ids=ids, position_ids=torch.arange(5)[None])
+    one_d = run(model, input_ids=ids, position_ids=torch.arange(4)).logits
+    assert torch.allclose(one_d, run(model, input_ids=ids).logits, atol=1e-6)
+
+
+def test_inputs_embeds_of_another_dtype_are_refused(model):
+    embeds = torch.zeros(1, 3, model.config.hidden_size, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"dtype torch.float64 but the model runs in torch.float32"):
+        run(model, inputs_embeds=embeds)
+
+
+def test_4d_mask_of_the_wrong_shape_is_refused(model):
+    ids = random_ids(2, 4)
+    with pytest.raises(ValueError, match="The 4-D `attention_mask` has shape"):
+        run(model, input_ids=ids, attention_mask=torch.zeros(2, 1, 3, 4))
+
+
+def test_assisted_decoding_is_refused_for_memory_layers():
+    layer_types = ["memory_attention", "full_attention"]
+    model = tiny_model("full", layer_types=layer_types, num_hidden_layers=2)
+    helper = tiny_model("full", seed=1, layer_types=layer_types, num_hidden_layers=2)
+    with pytest.raises(ValueError, match="crop"):
+        model.generate(random_ids(1, 6), assistant_model=helper, max_new_tokens=4, do_sample=False, pad_token_id=0)

@@ -126,3 +126,18 @@ def test_train_script_runs_and_prints_a_sample(tmp_path):
     sample = result.stdout.split("trust_remote_code=True)):\n", 1)[1]
     assert sample.startswith("def read_config(path):")
     assert (output_dir / "model.safetensors").is_file()
+
+
+def test_pretrain_on_local_jsonl_with_another_text_column(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"body": text}) for text in stdlib_corpus(max_documents=30)["text"]) + "\n")
+    args = PretrainArguments(
+        output_dir=str(tmp_path / "out"),
+        data_files=[str(corpus)],
+        text_column="body",
+        **{**SMALL_RUN, "max_steps": 3, "eval_steps": 0, "max_documents": None},
+    )
+    results = pretrain(args)
+    assert results["steps"] == 3
+    assert results["training_data"] == str(corpus)
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -91,6 +91,9 @@ class SonettMemoryLayer(SonettSlidingWindowLayer):
     `normalizer` `(batch, kv_heads, d_k)` are fp32 and hold every token older than the window.
     """
 
+    # Tokens folded into the memory cannot be taken out again, so assisted decoding cannot roll this layer back.
+    is_croppable = False
+
     def __init__(self, sliding_window: int, **kwargs) -> None:
         super().__init__(sliding_window=sliding_window, **kwargs)
         self.memory_keys: torch.Tensor | None = None
@@ -104,6 +107,15 @@ class SonettMemoryLayer(SonettSlidingWindowLayer):
         past_raw = self.memory_keys if self.memory_keys is not None else raw_key_states[:, :, :0]
         self.memory_keys = torch.cat([past_raw, raw_key_states], dim=-2)[:, :, -self.sliding_window + 1 :, :]
         return super().update(key_states, value_states, *args, **kwargs)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError(
+                "A memory_attention state cannot be rolled back (cropped): evicted tokens are already in the memory."
+            )
+
+    def activate_past_recording(self) -> None:
+        """No-op: this layer cannot be rolled back, so there is no past to record."""
 
     def memory_inputs(
         self,

@@ -176,10 +176,10 @@ class SonettConfig(PreTrainedConfig):
             )
         self._check_layer_types()
         windowed = {"sliding_attention", "memory_attention"} & set(self.layer_types)
-        if windowed and (self.sliding_window is None or self.sliding_window < 1):
+        if windowed and (self.sliding_window is None or self.sliding_window < 2):
             raise ValueError(
-                f"SonettConfig.sliding_window must be >= 1 when layer_types contains {sorted(windowed)}, "
-                f"got {self.sliding_window!r}."
+                f"SonettConfig.sliding_window must be >= 2 (the token itself and at least one earlier token) "
+                f"when layer_types contains {sorted(windowed)}, got {self.sliding_window!r}."
             )
         self._check_mixer_settings()
         for kind in set(self.layer_types) & set(ROPE_KINDS):

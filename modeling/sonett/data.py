@@ -84,19 +84,22 @@ def load_corpus(
     return dataset
 
 
-def split_by_document(dataset: Dataset, validation_fraction: float = 0.02, key: str | None = None) -> DatasetDict:
+def split_by_document(
+    dataset: Dataset, validation_fraction: float = 0.02, key: str | None = None, text_column: str = "text"
+) -> DatasetDict:
     """Hold out whole documents for validation, chosen by a hash so the split never depends on order.
 
     Args:
         dataset: the corpus.
         validation_fraction: share of documents held out (at least one document goes each way).
-        key: the column hashed to choose (e.g. `path`); the text itself when None.
+        key: the column hashed to choose (e.g. `path`); the text itself when None or absent.
+        text_column: the column that holds the documents.
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction}.")
     if len(dataset) < 2:
         raise ValueError("The corpus needs at least two documents to hold one out for validation.")
-    column = key if key in dataset.column_names else "text"
+    column = key if key in dataset.column_names else text_column
 
     def bucket(value: str) -> float:
         return int(hashlib.sha256(value.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF

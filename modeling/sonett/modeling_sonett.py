@@ -118,6 +118,7 @@ def check_text_inputs(
     position_ids: torch.Tensor | None,
     past_length: int,
     cache_batch_size: int | None = None,
+    embedding_dtype: torch.dtype | None = None,
 ) -> None:
     """Raise a ValueError that names the problem for inputs the model cannot run on."""
     if (input_ids is None) == (inputs_embeds is None):
@@ -136,6 +137,11 @@ def check_text_inputs(
             raise ValueError(
                 f"`inputs_embeds` must have shape (batch, seq_len, {config.hidden_size}), "
                 f"got {tuple(inputs_embeds.shape)}."
+            )
+        if embedding_dtype is not None and inputs_embeds.dtype != embedding_dtype:
+            raise ValueError(
+                f"`inputs_embeds` has dtype {inputs_embeds.dtype} but the model runs in {embedding_dtype}; "
+                f"cast them with `.to({embedding_dtype})`."
             )
         shape = tuple(inputs_embeds.shape[:2])
     if shape[0] == 0 or shape[1] == 0:
@@ -165,9 +171,19 @@ def check_text_inputs(
             f"`attention_mask` must be 2-D (batch, seq_len) or a prepared 4-D mask, "
             f"got shape {tuple(attention_mask.shape)}."
         )
-    if position_ids is not None and tuple(position_ids.shape[-1:]) != (shape[1],):
+    elif attention_mask is not None and (
+        attention_mask.shape[0] not in (1, shape[0]) or attention_mask.shape[-2] != shape[1]
+    ):
         raise ValueError(
-            f"`position_ids` has shape {tuple(position_ids.shape)} but the input has {shape[1]} new tokens."
+            f"The 4-D `attention_mask` has shape {tuple(attention_mask.shape)}; it must be "
+            f"(batch {shape[0]} or 1, 1, new tokens {shape[1]}, key length)."
+        )
+    if position_ids is not None and (
+        position_ids.dim() != 2 or position_ids.shape[0] not in (1, shape[0]) or position_ids.shape[1] != shape[1]
+    ):
+        raise ValueError(
+            f"`position_ids` has shape {tuple(position_ids.shape)} but the input has batch {shape[0]} and "
+            f"{shape[1]} new tokens; pass shape ({shape[0]} or 1, {shape[1]})."
         )
 
 
@@ -228,8 +244,17 @@ class SonettModel(SonettPreTrainedModel):
             use_cache = False
         past_length = cache.get_seq_length() if cache is not None else 0
         cache_batch_size = cache.cached_batch_size() if hasattr(cache, "cached_batch_size") else None
+        if position_ids is not None and position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
         check_text_inputs(
-            self.config, input_ids, inputs_embeds, attention_mask, position_ids, past_length, cache_batch_size
+            self.config,
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            past_length,
+            cache_batch_size,
+            self.embed_tokens.weight.dtype,
         )
 
         if inputs_embeds is None:
@@ -399,6 +424,8 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+                raise ValueError(f"`labels` must hold integer token ids (or -100), got dtype {labels.dtype}.")
             if labels.shape != logits.shape[:2]:
                 raise ValueError(
                     f"`labels` has shape {tuple(labels.shape)} but the logits cover {tuple(logits.shape[:2])}; "

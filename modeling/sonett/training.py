@@ -139,7 +139,7 @@ def pretrain(args: PretrainArguments) -> dict:
     corpus = load_corpus(args.data_files or None, args.dataset_name, args.text_column)
     if args.max_documents:
         corpus = corpus.select(range(min(args.max_documents, len(corpus))))
-    splits = split_by_document(corpus, args.validation_fraction, key="path")
+    splits = split_by_document(corpus, args.validation_fraction, key="path", text_column=args.text_column)
     if args.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=True)
     else:
