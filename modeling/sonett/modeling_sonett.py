@@ -2,7 +2,8 @@
 
 Each decoder layer is pre-norm: `h += mixer(norm(h)); h += mlp(norm(h))`. The mixer class of a layer comes
 from `MIXER_CLASSES[kind]`, its cache layer from `cache_sonett.CACHE_LAYER_CLASSES[kind]`, and its mask from
-the mixer's `build_mask(kind, ...)`, built once per kind for the whole stack.
+the mixer's `build_mask(kind, allow_blocked=..., **mask_kwargs)`, built once per (kind, cache window) for the
+whole stack. The mask is opaque to the model: each mixer reads its own.
 """
 
 from __future__ import annotations
@@ -279,8 +280,9 @@ class SonettModel(SonettPreTrainedModel):
         position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer_idx, (layer, key) in enumerate(zip(self.layers, mask_keys)):
             if key not in masks:
-                extra = {"allow_blocked": not output_attentions} if isinstance(layer.mixer, SonettAttention) else {}
-                masks[key] = layer.mixer.build_mask(layer.kind, layer_idx=layer_idx, **extra, **mask_kwargs)
+                masks[key] = layer.mixer.build_mask(
+                    layer.kind, allow_blocked=not output_attentions, layer_idx=layer_idx, **mask_kwargs
+                )
             if layer.kind in ROPE_KINDS and layer.kind not in position_embeddings:
                 position_embeddings[layer.kind] = self.rotary_emb(inputs_embeds, position_ids, layer.kind)
 
