@@ -232,11 +232,7 @@ class SonettAttention(nn.Module):
             The output `(batch, seq, hidden_size)` and the attention probabilities (eager only, else None).
         """
         input_shape = hidden_states.shape[:-1]
-        head_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
-
+        query, key, value = self.project(hidden_states)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if cache is not None:
@@ -244,6 +240,14 @@ class SonettAttention(nn.Module):
 
         output, weights = self.attend(query, key, value, attention_mask, **kwargs)
         return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(batch, seq, hidden)` -> query `(batch, heads, seq, head_dim)`, key and value `(batch, kv_heads, ...)`."""
+        head_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
+        return query, key, value
 
     def attend(
         self,

@@ -125,7 +125,8 @@ def pack_into_blocks(
     eos = tokenizer.eos_token_id
 
     def tokenize(batch: dict) -> dict:
-        encoded = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
+        # Whole documents are longer than the model context on purpose: they are cut into blocks below.
+        encoded = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
         return {"input_ids": [[*ids, eos] for ids in encoded]}
 
     def group(batch: dict) -> dict:

@@ -244,10 +244,7 @@ class SonettMemoryAttention(SonettAttention):
             local_mask, padding = attention_mask, None
         input_shape = hidden_states.shape[:-1]
         length = input_shape[1]
-        head_shape = (*input_shape, -1, self.head_dim)
-        raw_query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
-        raw_key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
+        raw_query, raw_key, value = self.project(hidden_states)
 
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(raw_query, raw_key, cos, sin)
