@@ -69,3 +69,33 @@ def left_pad(rows, pad_id=PAD):
         input_ids[i, width - len(row) :] = row
         attention_mask[i, width - len(row) :] = 1
     return input_ids, attention_mask
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def assert_decoding_reads_the_cache(model, ids):
+    """One decode step with `cache=` equals the full forward; without the cache it does not."""
+    with torch.no_grad():
+        cache = model(ids[:, :-1], use_cache=True).cache
+        with_cache = model(ids[:, -1:], cache=cache).logits[:, -1]
+        without_cache = model(ids[:, -1:]).logits[:, -1]
+        full = model(ids).logits[:, -1]
+    assert max_diff(with_cache, full) <= 1e-4
+    assert max_diff(without_cache, full) > 1e-2
+
+
+def assert_padded_batch_matches_rows_alone(model, rows, input_ids, attention_mask, atol=1e-5):
+    """Prefill a left-padded batch, decode two tokens through the cache: every row as if it ran alone."""
+    nxt = random_ids(len(rows), 2, seed=30)
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=attention_mask, use_cache=True)
+        cache, steps = out.cache, []
+        for j in range(2):
+            attention_mask = torch.cat([attention_mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+            steps.append(model(nxt[:, j : j + 1], attention_mask=attention_mask, cache=cache).logits[:, -1])
+        for i, row in enumerate(rows):
+            alone = model(torch.cat([row, nxt[i]])[None]).logits[0]
+            assert max_diff(out.logits[i, -len(row) :], alone[: len(row)]) <= atol, i
+            assert max_diff(torch.stack([steps[0][i], steps[1][i]]), alone[-2:]) <= atol, i

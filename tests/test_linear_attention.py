@@ -3,7 +3,16 @@ DESIGN.md §3 invariants (1, 2, 3, 4) through the full model, alone and mixed wi
 
 import pytest
 import torch
-from helpers_model import PAD, VOCAB, left_pad, random_ids, tiny_model
+from helpers_model import (
+    PAD,
+    VOCAB,
+    assert_decoding_reads_the_cache,
+    assert_padded_batch_matches_rows_alone,
+    left_pad,
+    max_diff,
+    random_ids,
+    tiny_model,
+)
 from torch.nn import functional as F
 
 from sonett import SonettCache, SonettForCausalLM
@@ -17,11 +26,6 @@ from sonett.linear_attention_sonett import (
     linear_feature_size,
     recurrent_linear_attention,
 )
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The oracle: o_t = Σ_{j<=t} (Π_{m=j+1..t} a_m) (φq_t · φk_j) v_j + (Π_{m<=t} a_m) φq_t · S_0
@@ -305,15 +309,7 @@ def test_chunked_prefill_matches_full_forward(variant):
 
 
 def test_decoding_reads_the_linear_state():
-    model = linear_model("linear-taylor-conv4")
-    ids = random_ids(1, PROMPT_LEN)
-    with torch.no_grad():
-        cache = model(ids[:, :-1], use_cache=True).cache
-        with_cache = model(ids[:, -1:], cache=cache).logits[:, -1]
-        without_cache = model(ids[:, -1:]).logits[:, -1]
-        full = model(ids).logits[:, -1]
-    assert max_diff(with_cache, full) <= 1e-4
-    assert max_diff(without_cache, full) > 1e-2
+    assert_decoding_reads_the_cache(linear_model("linear-taylor-conv4"), random_ids(1, PROMPT_LEN))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,19 +348,7 @@ def padded_batch():
 
 @variants
 def test_left_padded_batch_and_decode_match_rows_alone(variant):
-    model = linear_model(variant)
-    rows, input_ids, attention_mask = padded_batch()
-    nxt = random_ids(len(rows), 2, seed=30)
-    with torch.no_grad():
-        out = model(input_ids, attention_mask=attention_mask, use_cache=True)
-        cache, steps = out.cache, []
-        for j in range(2):
-            attention_mask = torch.cat([attention_mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
-            steps.append(model(nxt[:, j : j + 1], attention_mask=attention_mask, cache=cache).logits[:, -1])
-        for i, row in enumerate(rows):
-            alone = model(torch.cat([row, nxt[i]])[None]).logits[0]
-            assert max_diff(out.logits[i, -len(row) :], alone[: len(row)]) <= 1e-5, i
-            assert max_diff(torch.stack([steps[0][i], steps[1][i]]), alone[-2:]) <= 1e-5, i
+    assert_padded_batch_matches_rows_alone(linear_model(variant), *padded_batch())
 
 
 @pytest.mark.parametrize("variant", ["linear-taylor-conv0", "linear-identity-conv0"])

@@ -6,7 +6,16 @@ the chosen rule, read the memory out, and compute the local softmax window naive
 
 import pytest
 import torch
-from helpers_model import PAD, VOCAB, WINDOW, left_pad, random_ids, tiny_config
+from helpers_model import (
+    PAD,
+    VOCAB,
+    WINDOW,
+    assert_padded_batch_matches_rows_alone,
+    left_pad,
+    max_diff,
+    random_ids,
+    tiny_config,
+)
 from torch.nn import functional as F
 
 from sonett import SonettCache, SonettForCausalLM
@@ -31,10 +40,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
 
 
 def memory_model(mix="memory", update="linear", seed=0, attn=None, **overrides):
@@ -411,20 +416,8 @@ ROW_LENGTHS = (12, 7, 2, 10)  # one row shorter than the stored window
 @memory_mixes
 def test_left_padded_batch_matches_rows_alone(mix, update):
     """Prefill a padded batch, then decode two tokens through the cache; every row as if it ran alone."""
-    model = memory_model(mix, update)
     rows = [random_ids(1, n, seed=20 + i)[0] for i, n in enumerate(ROW_LENGTHS)]
-    input_ids, attention_mask = left_pad(rows)
-    nxt = random_ids(len(rows), 2, seed=30)
-    with torch.no_grad():
-        out = model(input_ids, attention_mask=attention_mask, use_cache=True)
-        cache, steps = out.cache, []
-        for j in range(2):
-            attention_mask = torch.cat([attention_mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
-            steps.append(model(nxt[:, j : j + 1], attention_mask=attention_mask, cache=cache).logits[:, -1])
-        for i, row in enumerate(rows):
-            alone = model(torch.cat([row, nxt[i]])[None]).logits[0]
-            assert max_diff(out.logits[i, -len(row) :], alone[: len(row)]) <= 1e-5, i
-            assert max_diff(torch.stack([steps[0][i], steps[1][i]]), alone[-2:]) <= 1e-5, i
+    assert_padded_batch_matches_rows_alone(memory_model(mix, update), rows, *left_pad(rows))
 
 
 # ----------------------------------------------------------------------------------------------------------

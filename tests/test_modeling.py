@@ -10,7 +10,9 @@ from helpers_model import (
     PAD,
     VOCAB,
     WINDOW,
+    assert_decoding_reads_the_cache,
     left_pad,
+    max_diff,
     mixes,
     random_ids,
     tiny_config,
@@ -23,10 +25,6 @@ from sonett import SonettCache, SonettForCausalLM
 from sonett.modeling_sonett import SonettDecoderLayer
 
 PROMPT_LEN = 12  # longer than WINDOW, so the sliding cache has to trim
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
 
 
 def n_sliding(mix):
@@ -91,15 +89,7 @@ def test_chunked_prefill_matches_full_forward(mix, chunks):
 @mixes
 def test_decoding_reads_the_cache_kwarg(mix):
     """Decoding with `cache=` must really read the cache (a model that ignores it gives other logits)."""
-    model = tiny_model(mix)
-    ids = random_ids(1, PROMPT_LEN)
-    with torch.no_grad():
-        cache = model(ids[:, :-1], use_cache=True).cache
-        with_cache = model(ids[:, -1:], cache=cache).logits[:, -1]
-        without_cache = model(ids[:, -1:]).logits[:, -1]
-        full = model(ids).logits[:, -1]
-    assert max_diff(with_cache, full) <= 1e-4
-    assert max_diff(without_cache, full) > 1e-2
+    assert_decoding_reads_the_cache(tiny_model(mix), random_ids(1, PROMPT_LEN))
 
 
 @mixes
