@@ -35,24 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build_models(preset: str):
     """(sonett, llama) with matching shapes, random weights, eval mode, fp32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from sonett import SonettForCausalLM
+    from sonett.baselines import llama_config_like
     from sonett.training import config_from_preset, load_preset
 
     sonett_config = config_from_preset(load_preset(preset), max_position_embeddings=65536)
-    llama_config = LlamaConfig(
-        vocab_size=sonett_config.vocab_size,
-        hidden_size=sonett_config.hidden_size,
-        intermediate_size=sonett_config.intermediate_size,
-        num_hidden_layers=sonett_config.num_hidden_layers,
-        num_attention_heads=sonett_config.num_attention_heads,
-        num_key_value_heads=sonett_config.num_key_value_heads,
-        head_dim=sonett_config.head_dim,
-        max_position_embeddings=65536,
-        tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-    )
+    llama_config = llama_config_like(sonett_config)
     torch.manual_seed(0)
     return SonettForCausalLM(sonett_config).eval(), LlamaForCausalLM(llama_config).eval()
 

@@ -106,7 +106,9 @@ def test_state_without_full_attention_has_the_same_size_after_1k_and_32k_tokens(
             cache.save(path)
             sizes[target] = (path.stat().st_size, cache.nbytes())
         assert cache.get_seq_length() == 32768
-    assert sizes[1024] == sizes[32768]
+    assert sizes[1024][1] == sizes[32768][1]
+    # The files differ only in the token counters written into the header (a few digits, 8-byte aligned).
+    assert abs(sizes[1024][0] - sizes[32768][0]) <= 16
 
 
 def test_state_with_full_attention_grows(tmp_path):

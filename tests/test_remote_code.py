@@ -24,8 +24,17 @@ REMOTE_FILES = (
     "layers_sonett.py",
     "linear_attention_sonett.py",
     "memory_attention_sonett.py",
+    "hierarchy_sonett.py",
 )
 EVERY_KIND = ["linear_attention", "sliding_attention", "memory_attention", "full_attention"]
+HOURGLASS_KINDS = [
+    "linear_attention",
+    "full_attention",
+    "linear_attention",
+    "sliding_attention",
+    "memory_attention",
+    "linear_attention",
+]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 NEW_TOKENS = 8
 ABSOLUTE_IMPORT = re.compile(r"^\s*(from\s+sonett\b|import\s+sonett\b)", re.MULTILINE)
@@ -103,12 +112,18 @@ def run_fresh(tmp_path, folder, ids, name, resave=None):
     return load_file(out_path)
 
 
-@pytest.fixture(scope="module", params=["mixed", "every-kind"])
+@pytest.fixture(scope="module", params=["mixed", "every-kind", "hourglass"])
 def saved(request, tmp_path_factory):
-    """A mixed-layer model (softmax kinds only, or every kind), its folder and its own outputs for fixed ids."""
+    """A mixed-layer model (softmax kinds only, every kind, or every kind with an hourglass), its folder and its
+    own outputs for fixed ids (11 tokens: not a multiple of the shorten factor 3)."""
     folder = tmp_path_factory.mktemp("sonett_model")
     if request.param == "mixed":
         model = tiny_model("mixed", seed=3)
+    elif request.param == "hourglass":
+        hierarchy = {"shorten_factor": 3, "start_layer": 1, "end_layer": 4}
+        model = tiny_model("full", seed=3, layer_types=HOURGLASS_KINDS, num_hidden_layers=6, hierarchy=hierarchy)
+        with torch.no_grad():  # a new hourglass adds nothing (zero upsampling); make the shortened path count
+            model.model.hourglass.upsample_proj.weight.normal_(0.0, 0.2)
     else:
         model = tiny_model("full", seed=3, layer_types=EVERY_KIND, num_hidden_layers=len(EVERY_KIND))
     model.save_pretrained(folder)

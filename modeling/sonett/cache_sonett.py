@@ -10,6 +10,9 @@ The class of each layer comes from `config.layer_types` through `CACHE_LAYER_CLA
 - `memory_attention`  -> `SonettMemoryLayer`: the sliding window plus a fp32 compressive memory
   `(batch, kv_heads, head_dim, head_dim)` and its normaliser `(batch, kv_heads, head_dim)`.
 
+With a `hierarchy`, the layers of the shortened span keep their state in `SonettHourglassState` instead (see
+there), because each row of a batch completes its groups of k tokens at its own steps.
+
 The whole cache saves to and loads from one safetensors file (`save` / `load`), so a conversation can
 continue in another process without re-reading earlier turns.
 """
@@ -41,6 +44,7 @@ STATE_FIELDS = (
     "linear_conv_size",
     "memory_update",
     "vocab_size",
+    "hierarchy",
 )
 
 
@@ -256,6 +260,112 @@ class SonettLinearAttentionLayer(CacheLayerMixin):
         self.is_initialized = self.recurrent_state is not None
 
 
+class SonettHourglassCohort:
+    """Rows of a batch whose shortened streams advance together, and the state of their shortened layers.
+
+    Rows join a cohort when their first real token arrives; rows of one cohort complete their groups of k tokens
+    at the same steps, so their shortened tokens form one left-padded batch.
+
+    Attributes:
+        rows: `(n,)` the rows of the full batch in this cohort.
+        cache: a `SonettCache` of batch n holding the shortened layers' state (the other layers stay empty).
+        padding: `(n,)` left-padding shortened tokens of each row (rows that started with fewer groups).
+        length: shortened tokens so far, padding included.
+    """
+
+    def __init__(self, rows: torch.Tensor, cache: SonettCache, padding: torch.Tensor, length: int = 0) -> None:
+        self.rows, self.cache, self.padding, self.length = rows, cache, padding, length
+
+    def mask(self) -> torch.Tensor:
+        """`(n, length)` bool: True for a real shortened token."""
+        return torch.arange(self.length, device=self.padding.device)[None, :] >= self.padding[:, None]
+
+
+class SonettHourglassState:
+    """Decoding state of an hourglass hierarchy (shorten factor k).
+
+    Attributes:
+        buffer: `(batch, k - 1, hidden)` the incomplete group of full-length states (zeros where not yet filled).
+        last_coarse: `(batch, k, hidden)` the upsampled output of each row's last complete group (one vector per
+            place in a group), which the tokens until the next complete group read.
+        cohorts: the rows grouped by the steps at which their groups complete, each with its shortened state.
+    """
+
+    def __init__(self, config: SonettConfig, layer_windows: dict[int, int]) -> None:
+        self.config = config
+        self.layer_windows = layer_windows
+        self.shorten_factor = int(config.hierarchy["shorten_factor"])
+        self.buffer: torch.Tensor | None = None
+        self.last_coarse: torch.Tensor | None = None
+        self.cohorts: list[SonettHourglassCohort] = []
+
+    def new_cohort(self, rows: torch.Tensor, padding: torch.Tensor | None = None, length: int = 0):
+        """Start a cohort for `rows` `(n,)` (an empty shortened stream unless `padding` / `length` are given)."""
+        if padding is None:
+            padding = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
+        cache = SonettCache(self.config, self.layer_windows, with_hourglass=False)
+        cohort = SonettHourglassCohort(rows, cache, padding, length)
+        self.cohorts.append(cohort)
+        return cohort
+
+    def assigned_rows(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """`(batch,)` bool: rows that already belong to a cohort."""
+        assigned = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        for cohort in self.cohorts:
+            assigned[cohort.rows.to(device)] = True
+        return assigned
+
+    def select_rows(self, indices: torch.Tensor) -> None:
+        """Keep row `indices[i]` as new row i (beam reordering, repetition, selection); rows may repeat."""
+        if self.buffer is None:
+            return
+        indices = indices.to(self.buffer.device)
+        old_batch = self.buffer.shape[0]
+        self.buffer, self.last_coarse = self.buffer[indices], self.last_coarse[indices]
+        kept = []
+        for cohort in self.cohorts:
+            local = torch.full((old_batch,), -1, dtype=torch.long, device=indices.device)
+            local[cohort.rows.to(indices.device)] = torch.arange(len(cohort.rows), device=indices.device)
+            local = local[indices]
+            members = (local >= 0).nonzero().squeeze(-1)
+            if members.numel() == 0:
+                continue
+            cohort.cache.reorder_cache(local[members])
+            cohort.rows, cohort.padding = members, cohort.padding[local[members].to(cohort.padding.device)]
+            kept.append(cohort)
+        self.cohorts = kept
+
+    def reset(self) -> None:
+        self.buffer = self.last_coarse = None
+        self.cohorts = []
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.buffer is None:
+            return {}
+        tensors = {"buffer": self.buffer, "last_coarse": self.last_coarse}
+        for c, cohort in enumerate(self.cohorts):
+            tensors[f"cohorts.{c}.rows"] = cohort.rows
+            tensors[f"cohorts.{c}.padding"] = cohort.padding
+            for name, tensor in cohort.cache.state_tensors().items():
+                tensors[f"cohorts.{c}.{name}"] = tensor
+        return tensors
+
+    def state_scalars(self) -> list:
+        """Per cohort, its length and the per-layer scalars of its cache."""
+        return [{"length": cohort.length, "layers": cohort.cache.state_scalars()} for cohort in self.cohorts]
+
+    def load_state(self, tensors: dict[str, torch.Tensor], scalars: list) -> None:
+        self.reset()
+        if "buffer" not in tensors:
+            return
+        self.buffer, self.last_coarse = tensors["buffer"], tensors["last_coarse"]
+        for c, cohort_scalars in enumerate(scalars):
+            prefix = f"cohorts.{c}."
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            cohort = self.new_cohort(own.pop("rows"), own.pop("padding"), int(cohort_scalars["length"]))
+            cohort.cache.load_state(own, cohort_scalars["layers"])
+
+
 # layer kind -> factory(config, window) building that kind's cache layer. Register new kinds here.
 CACHE_LAYER_CLASSES: dict[str, Callable[[SonettConfig, int | None], CacheLayerMixin]] = {
     "full_attention": lambda config, window: SonettFullAttentionLayer(),
@@ -280,9 +390,13 @@ class SonettCache(Cache):
     Args:
         config: the model config.
         layer_windows: optional per-layer window lengths for windowed layers (default `config.sliding_window`).
+        with_hourglass: hold a `SonettHourglassState` when the config has a hierarchy (False for the caches of the
+            shortened layers inside it).
     """
 
-    def __init__(self, config: SonettConfig, layer_windows: dict[int, int] | None = None) -> None:
+    def __init__(
+        self, config: SonettConfig, layer_windows: dict[int, int] | None = None, with_hourglass: bool = True
+    ) -> None:
         text_config = config.get_text_config(decoder=True)
         self.layer_types = list(text_config.layer_types)
         self.fingerprint = state_fingerprint(text_config)
@@ -291,6 +405,67 @@ class SonettCache(Cache):
         self.layer_windows = windows
         layers = [CACHE_LAYER_CLASSES[kind](text_config, windows[i]) for i, kind in enumerate(self.layer_types)]
         super().__init__(layers=layers)
+        self.hourglass = (
+            SonettHourglassState(text_config, windows)
+            if with_hourglass and getattr(text_config, "hierarchy", None)
+            else None
+        )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.hourglass is not None:
+            self.hourglass.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.hourglass is not None and self.hourglass.buffer is not None:
+            rows = torch.arange(self.hourglass.buffer.shape[0], device=self.hourglass.buffer.device)
+            self.hourglass.select_rows(rows.repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.hourglass is not None:
+            if indices.dtype == torch.bool:
+                indices = indices.nonzero().squeeze(-1)
+            self.hourglass.select_rows(indices)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.hourglass is not None:
+            self.hourglass.reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.hourglass is not None and tokens_to_remove != 0:
+            raise ValueError(
+                "A hierarchy (hourglass) state cannot be rolled back (cropped): its shortened layers have already "
+                "consumed the removed tokens. Assisted decoding is not supported with a hierarchy."
+            )
+        super().crop(tokens_to_remove)
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.hourglass is None and super().is_croppable
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every state tensor, named `layers.{i}.{name}` and `hourglass.{name}`."""
+        tensors = {
+            f"layers.{i}.{name}": tensor
+            for i, layer in enumerate(self.layers)
+            for name, tensor in layer.state_tensors().items()
+        }
+        if self.hourglass is not None:
+            tensors.update({f"hourglass.{k}": v for k, v in self.hourglass.state_tensors().items()})
+        return tensors
+
+    def state_scalars(self) -> list[dict[str, int]]:
+        """The per-layer counters that are not tensors."""
+        return [layer.state_scalars() for layer in self.layers]
+
+    def load_state(self, tensors: dict[str, torch.Tensor], scalars: list[dict[str, int]]) -> None:
+        """Fill this (fresh) cache from `state_tensors()` / `state_scalars()` of a cache of the same config."""
+        for i, layer in enumerate(self.layers):
+            prefix = f"layers.{i}."
+            layer.load_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, scalars[i])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far (every Sonett cache layer counts them, whatever its kind)."""
@@ -303,28 +478,28 @@ class SonettCache(Cache):
         for layer in self.layers:
             for tensor in layer.state_tensors().values():
                 return tensor.shape[0]
+        if self.hourglass is not None and self.hourglass.buffer is not None:
+            return self.hourglass.buffer.shape[0]
         return None
 
     def nbytes(self) -> int:
-        """Bytes held by all cached tensors."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.state_tensors().values())
+        """Bytes held by all cached tensors (the shortened layers' state included)."""
+        return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
 
     def save(self, path: str | Path) -> None:
         """Write the whole decoding state to a safetensors file (no pickle), atomically."""
         from safetensors.torch import save_file
 
-        tensors = {
-            f"layers.{i}.{name}": tensor.detach().contiguous().cpu()
-            for i, layer in enumerate(self.layers)
-            for name, tensor in layer.state_tensors().items()
-        }
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_tensors().items()}
         metadata = {
             "format": CACHE_FILE_FORMAT,
             "version": CACHE_FILE_VERSION,
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
             "layer_windows": json.dumps({str(i): w for i, w in self.layer_windows.items()}),
-            "scalars": json.dumps([layer.state_scalars() for layer in self.layers]),
+            "scalars": json.dumps(self.state_scalars()),
         }
+        if self.hourglass is not None:
+            metadata["hourglass_scalars"] = json.dumps(self.hourglass.state_scalars())
         path = Path(path)
         partial = path.with_name(path.name + ".partial")
         save_file(tensors, str(partial), metadata=metadata)
@@ -360,10 +535,10 @@ class SonettCache(Cache):
             raise ValueError(f"The memory file {path} was written by a model with another config ({details}).")
         windows = {int(i): w for i, w in json.loads(metadata["layer_windows"]).items()}
         cache = cls(config, layer_windows=windows)
-        scalars = json.loads(metadata["scalars"])
-        for i, layer in enumerate(cache.layers):
-            prefix = f"layers.{i}."
-            layer.load_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, scalars[i])
+        cache.load_state(tensors, json.loads(metadata["scalars"]))
+        if cache.hourglass is not None:
+            own = {k[len("hourglass.") :]: v for k, v in tensors.items() if k.startswith("hourglass.")}
+            cache.hourglass.load_state(own, json.loads(metadata.get("hourglass_scalars", "[]")))
         return cache
 
 
@@ -371,6 +546,7 @@ __all__ = [
     "CACHE_LAYER_CLASSES",
     "SonettCache",
     "SonettFullAttentionLayer",
+    "SonettHourglassState",
     "SonettLinearAttentionLayer",
     "SonettMemoryLayer",
     "SonettSlidingWindowLayer",

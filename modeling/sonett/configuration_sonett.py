@@ -18,6 +18,9 @@ LINEAR_FEATURE_MAPS: tuple[str, ...] = ("taylor", "elu", "identity")
 MEMORY_UPDATES: tuple[str, ...] = ("linear", "delta")
 # RoPE types whose inverse frequencies are fixed at init (the dynamic kinds rescale at run time; not supported).
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "yarn", "llama3")
+HIERARCHY_POOLINGS: tuple[str, ...] = ("linear", "mean")
+HIERARCHY_UPSAMPLINGS: tuple[str, ...] = ("repeat", "linear")
+HIERARCHY_KEYS: tuple[str, ...] = ("shorten_factor", "start_layer", "end_layer", "pooling", "upsampling")
 
 
 @strict
@@ -59,6 +62,13 @@ class SonettConfig(PreTrainedConfig):
         linear_use_fla: dispatch to flash-linear-attention kernels when installed and on CUDA.
         memory_update: how evicted tokens enter the compressive memory: `linear` or `delta` (delta rule).
         memory_chunk_size: chunk length of the chunked memory computation in training / prefill.
+        hierarchy: hourglass shortening (Nawrot et al. 2021), or None for a flat stack. A dict with
+            `shorten_factor` k >= 2 and the span of decoder layers `start_layer` <= i < `end_layer` that run on the
+            sequence shortened k times (at least one full-length layer before and after the span), plus
+            `pooling`: `linear` (a projection of the k concatenated states, default) or `mean`, and
+            `upsampling`: `repeat` (each shortened output repeated k times through one linear map, default) or
+            `linear` (one linear map per position in the group). Windows of the shortened layers count
+            shortened tokens, so they reach k times further back.
 
     Example:
         >>> from sonett import SonettConfig, SonettForCausalLM
@@ -117,6 +127,7 @@ class SonettConfig(PreTrainedConfig):
     linear_use_fla: bool = True
     memory_update: str = "linear"
     memory_chunk_size: int = 64
+    hierarchy: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.layer_types is None:
@@ -182,6 +193,7 @@ class SonettConfig(PreTrainedConfig):
                 f"when layer_types contains {sorted(windowed)}, got {self.sliding_window!r}."
             )
         self._check_mixer_settings()
+        self._check_hierarchy()
         for kind in set(self.layer_types) & set(ROPE_KINDS):
             rope_type = self.rope_parameters_for(kind).get("rope_type", "default")
             if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -224,6 +236,52 @@ class SonettConfig(PreTrainedConfig):
             raise ValueError(f"SonettConfig.adaptive_span_init must lie in (0, 1), got {self.adaptive_span_init}.")
         if self.adaptive_span_loss_coef < 0:
             raise ValueError(f"SonettConfig.adaptive_span_loss_coef must be >= 0, got {self.adaptive_span_loss_coef}.")
+
+    def _check_hierarchy(self) -> None:
+        if self.hierarchy is None:
+            return
+        if not isinstance(self.hierarchy, dict):
+            raise ValueError(
+                f"SonettConfig.hierarchy must be a dict like {{'shorten_factor': 2, 'start_layer': 1, 'end_layer': 3}} "
+                f"or None, got {self.hierarchy!r}."
+            )
+        unknown = sorted(set(self.hierarchy) - set(HIERARCHY_KEYS))
+        if unknown:
+            raise ValueError(f"SonettConfig.hierarchy has unknown keys {unknown}; allowed: {list(HIERARCHY_KEYS)}.")
+        missing = [key for key in ("shorten_factor", "start_layer", "end_layer") if key not in self.hierarchy]
+        if missing:
+            raise ValueError(f"SonettConfig.hierarchy is missing {missing}.")
+        factor, start, end = (self.hierarchy[key] for key in ("shorten_factor", "start_layer", "end_layer"))
+        for name, value in (("shorten_factor", factor), ("start_layer", start), ("end_layer", end)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"SonettConfig.hierarchy['{name}'] must be an integer, got {value!r}.")
+        if factor < 2:
+            raise ValueError(f"SonettConfig.hierarchy['shorten_factor'] must be >= 2, got {factor}.")
+        if self.num_hidden_layers < 3:
+            raise ValueError(
+                f"SonettConfig.hierarchy needs at least 3 layers (one full-length layer before the shortened span, "
+                f"one in it and one after it), got num_hidden_layers={self.num_hidden_layers}."
+            )
+        if not 1 <= start < end <= self.num_hidden_layers - 1:
+            raise ValueError(
+                f"SonettConfig.hierarchy spans layers [{start}, {end}) but the shortened span must lie strictly "
+                f"inside the {self.num_hidden_layers} layers: 1 <= start_layer < end_layer <= "
+                f"{self.num_hidden_layers - 1}, so at least one full-length layer runs before and after it."
+            )
+        defaults = {"pooling": "linear", "upsampling": "repeat"}
+        for key, choices in (("pooling", HIERARCHY_POOLINGS), ("upsampling", HIERARCHY_UPSAMPLINGS)):
+            value = self.hierarchy.get(key, defaults[key])
+            if value not in choices:
+                raise ValueError(f"SonettConfig.hierarchy['{key}'] = {value!r}; choose from {list(choices)}.")
+        # Spell the defaults out, so equal hierarchies compare (and fingerprint) equal.
+        merged = {**defaults, **self.hierarchy}
+        self.hierarchy = {key: merged[key] for key in HIERARCHY_KEYS}
+
+    def hierarchy_span(self) -> range:
+        """Indices of the layers that run on the shortened sequence (empty without a hierarchy)."""
+        if self.hierarchy is None:
+            return range(0)
+        return range(self.hierarchy["start_layer"], self.hierarchy["end_layer"])
 
     def _check_layer_types(self) -> None:
         if len(self.layer_types) != self.num_hidden_layers:

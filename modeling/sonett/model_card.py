@@ -22,6 +22,19 @@ def layer_mix(layer_types: list[str]) -> str:
     return " + ".join(f"{count} {kind}" for kind, count in counts.items())
 
 
+def hierarchy_summary(config: SonettConfig) -> str:
+    """`; layers 1-3 run on the sequence shortened 2x (hourglass, linear pooling, repeat upsampling)`, or ""."""
+    if not getattr(config, "hierarchy", None):
+        return ""
+    span = config.hierarchy_span()
+    pooling = config.hierarchy.get("pooling", "linear")
+    upsampling = config.hierarchy.get("upsampling", "repeat")
+    return (
+        f"; layers {span.start}-{span.stop - 1} run on the sequence shortened "
+        f"{config.hierarchy['shorten_factor']}x (hourglass, {pooling} pooling, {upsampling} upsampling)"
+    )
+
+
 def render_model_card(
     config: SonettConfig,
     num_parameters: int,
@@ -54,7 +67,7 @@ def render_model_card(
             "repo_id": repo_id or model_name,
             "parameters": f"{num_parameters:,}",
             "num_layers": config.num_hidden_layers,
-            "layer_mix": layer_mix(config.layer_types),
+            "layer_mix": layer_mix(config.layer_types) + hierarchy_summary(config),
             "layer_types": ", ".join(config.layer_types),
             "hidden_size": config.hidden_size,
             "num_heads": config.num_attention_heads,
@@ -68,4 +81,4 @@ def render_model_card(
     return string.Template(template).substitute({key: values.get(key, "n/a") for key in placeholders if key})
 
 
-__all__ = ["layer_mix", "render_model_card"]
+__all__ = ["hierarchy_summary", "layer_mix", "render_model_card"]

@@ -3,7 +3,9 @@
 Each decoder layer is pre-norm: `h += mixer(norm(h)); h += mlp(norm(h))`. The mixer class of a layer comes
 from `MIXER_CLASSES[kind]`, its cache layer from `cache_sonett.CACHE_LAYER_CLASSES[kind]`, and its mask from
 the mixer's `build_mask(kind, allow_blocked=..., **mask_kwargs)`, built once per (kind, cache window) for the
-whole stack. The mask is opaque to the model: each mixer reads its own.
+whole stack. The mask is opaque to the model: each mixer reads its own. With `config.hierarchy`, the layers of
+one span run on the sequence shortened k times (`SonettHourglass`, hierarchy_sonett.py), with their own masks,
+positions and cache state.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .attention_sonett import SonettAttention
 from .cache_sonett import SonettCache
 from .configuration_sonett import ROPE_KINDS, SonettConfig
+from .hierarchy_sonett import ShortenedPlacement, SonettHourglass
 from .layers_sonett import SonettMLP, SonettRMSNorm, SonettRotaryEmbedding
 from .linear_attention_sonett import SonettLinearAttention
 from .memory_attention_sonett import SonettMemoryAttention
@@ -97,6 +100,8 @@ class SonettPreTrainedModel(PreTrainedModel):
             # Mixer-specific parameters (decays, gates, spans); uses `transformers.initialization`, which skips
             # tensors already loaded from a checkpoint.
             module.reset_sonett_parameters()
+        if getattr(module, "sonett_zero_init", False):
+            init.zeros_(module.weight)
         if isinstance(module, SonettRotaryEmbedding):
             for kind in module.kinds:
                 inv_freq, _ = module.compute_inv_freq(kind)
@@ -188,6 +193,58 @@ def check_text_inputs(
         )
 
 
+class _Recorder:
+    """Collects per-layer hidden states and attention weights when requested.
+
+    Layers of a shortened span record their shortened inputs, assembled into this call's left-padded layout
+    `(batch, shortened tokens completed in this call, hidden)` (None when no group completed). Their attention
+    weights are kept when one run covered every row, else None.
+    """
+
+    def __init__(self, output_hidden_states: bool, output_attentions: bool, num_layers: int) -> None:
+        self.output_hidden_states, self.output_attentions = output_hidden_states, output_attentions
+        self.hidden: dict[int, list] = {i: [] for i in range(num_layers)}
+        self.weights: dict[int, list] = {i: [] for i in range(num_layers)}
+
+    def add_hidden(self, layer_idx: int, hidden_states: torch.Tensor, placement: ShortenedPlacement | None) -> None:
+        if self.output_hidden_states:
+            self.hidden[layer_idx].append((hidden_states, placement))
+
+    def add_attention(self, layer_idx: int, weights: torch.Tensor | None, placement: ShortenedPlacement | None):
+        if self.output_attentions:
+            self.weights[layer_idx].append((weights, placement))
+
+    @staticmethod
+    def _whole(entries: list) -> torch.Tensor | None:
+        """The one entry, if it covers the whole batch and layout, else None."""
+        if len(entries) != 1:
+            return None
+        tensor, placement = entries[0]
+        if placement is None or (len(placement.rows) == placement.batch and len(placement.columns) == placement.width):
+            return tensor
+        return None
+
+    @classmethod
+    def _assemble(cls, entries: list) -> torch.Tensor | None:
+        if not entries or cls._whole(entries) is not None:
+            return cls._whole(entries)
+        _, placement = entries[0]
+        full = entries[0][0].new_zeros(placement.batch, placement.width, entries[0][0].shape[-1])
+        for tensor, place in entries:
+            full[place.rows[:, None], place.columns[None, :]] = tensor
+        return full
+
+    def hidden_states(self, final: torch.Tensor) -> tuple | None:
+        if not self.output_hidden_states:
+            return None
+        return (*(self._assemble(self.hidden[i]) for i in sorted(self.hidden)), final)
+
+    def attentions(self) -> tuple | None:
+        if not self.output_attentions:
+            return None
+        return tuple(self._whole(self.weights[i]) for i in sorted(self.weights))
+
+
 class SonettModel(SonettPreTrainedModel):
     """The Sonett decoder stack without a language-model head."""
 
@@ -198,6 +255,7 @@ class SonettModel(SonettPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(SonettDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = SonettRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hourglass = SonettHourglass(config) if config.hierarchy else None
         rope_kinds = [kind for kind in config.layer_types if kind in ROPE_KINDS]
         self.rotary_emb = SonettRotaryEmbedding(config, rope_kinds)
         self.gradient_checkpointing = False
@@ -264,7 +322,36 @@ class SonettModel(SonettPreTrainedModel):
             cache = self.make_cache()
         if position_ids is None:
             position_ids = self._default_position_ids(inputs_embeds, attention_mask, past_length)
+        position_ids = position_ids.expand(inputs_embeds.shape[0], -1)
 
+        # Full-length layers before and after the hourglass span (all layers without a hierarchy).
+        span = self.config.hierarchy_span()
+        before = list(range(span.start)) if span else list(range(len(self.layers)))
+        after = list(range(span.stop, len(self.layers))) if span else []
+        record = _Recorder(output_hidden_states, output_attentions, len(self.layers))
+        masks, rope = self._masks_and_rope(before + after, inputs_embeds, attention_mask, position_ids, cache, record)
+        hidden_states = self._run_layers(before, inputs_embeds, masks, rope, cache, record, kwargs)
+        if span:
+            hidden_states = self._run_hourglass(hidden_states, attention_mask, position_ids, cache, record, kwargs)
+            hidden_states = self._run_layers(after, hidden_states, masks, rope, cache, record, kwargs)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=record.hidden_states(hidden_states),
+            attentions=record.attentions(),
+        )
+
+    def _masks_and_rope(
+        self,
+        layer_ids: list[int] | range,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: SonettCache | None,
+        record: _Recorder,
+    ) -> tuple[dict[int, object], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """The mask of each layer (one per (kind, cache window), shared) and one RoPE table per kind."""
         mask_kwargs = {
             "config": self.config,
             "inputs_embeds": inputs_embeds,
@@ -272,45 +359,71 @@ class SonettModel(SonettPreTrainedModel):
             "cache": cache,
             "position_ids": position_ids,
         }
-        # One mask per (kind, cache window) and one RoPE table per kind, shared by the layers that need them.
-        mask_keys = [
-            (layer.kind, cache.layer_windows[i] if cache is not None else None) for i, layer in enumerate(self.layers)
-        ]
-        masks: dict[tuple, torch.Tensor | None] = {}
-        position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer_idx, (layer, key) in enumerate(zip(self.layers, mask_keys)):
-            if key not in masks:
-                masks[key] = layer.mixer.build_mask(
-                    layer.kind, allow_blocked=not output_attentions, layer_idx=layer_idx, **mask_kwargs
+        shared: dict[tuple, object] = {}
+        masks: dict[int, object] = {}
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i in layer_ids:
+            kind = self.layers[i].kind
+            key = (kind, cache.layer_windows[i] if cache is not None else None)
+            if key not in shared:
+                shared[key] = self.layers[i].mixer.build_mask(
+                    kind, allow_blocked=not record.output_attentions, layer_idx=i, **mask_kwargs
                 )
-            if layer.kind in ROPE_KINDS and layer.kind not in position_embeddings:
-                position_embeddings[layer.kind] = self.rotary_emb(inputs_embeds, position_ids, layer.kind)
+            masks[i] = shared[key]
+            if kind in ROPE_KINDS and kind not in rope:
+                rope[kind] = self.rotary_emb(inputs_embeds, position_ids, kind)
+        return masks, rope
 
-        hidden_states = inputs_embeds
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for layer, key in zip(self.layers, mask_keys):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, weights = layer(
-                hidden_states,
-                attention_mask=masks[key],
-                position_embeddings=position_embeddings.get(layer.kind),
-                cache=cache,
-                **kwargs,
+    def _run_hourglass(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: SonettCache | None,
+        record: _Recorder,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        """The hierarchy span: shorten `(batch, seq, hidden_size)`, run its layers, upsample and add back."""
+        span = self.config.hierarchy_span()
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                "A model with a hierarchy needs a 2-D attention_mask (batch, past + seq) to know which tokens are "
+                "padding before it shortens the sequence; a prepared 4-D mask cannot be used."
             )
-            if output_attentions:
-                all_attentions += (weights,)
-        hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+        if cache is not None and getattr(cache, "hourglass", None) is None:
+            raise ValueError(
+                "This model has a hierarchy, but the cache has no hourglass state (it was built for another config "
+                "or with with_hourglass=False); pass `model.make_cache()` or no cache."
+            )
 
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
+        def run_shortened(states, padding, positions, shortened_cache, placement):
+            s_masks, s_rope = self._masks_and_rope(span, states, padding, positions, shortened_cache, record)
+            return self._run_layers(span, states, s_masks, s_rope, shortened_cache, record, kwargs, placement)
+
+        token_mask = attention_mask[:, -hidden_states.shape[1] :] if attention_mask is not None else None
+        state = cache.hourglass if cache is not None else None
+        return self.hourglass(hidden_states, token_mask, position_ids, state, run_shortened)
+
+    def _run_layers(
+        self,
+        layer_ids: list[int] | range,
+        hidden_states: torch.Tensor,
+        masks: dict[int, object],
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        cache: SonettCache | None,
+        record: _Recorder,
+        kwargs: dict,
+        placement: ShortenedPlacement | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder layers `layer_ids` in order on `hidden_states` `(batch, seq, hidden_size)`."""
+        for i in layer_ids:
+            layer = self.layers[i]
+            record.add_hidden(i, hidden_states, placement)
+            hidden_states, weights = layer(
+                hidden_states, attention_mask=masks[i], position_embeddings=rope.get(layer.kind), cache=cache, **kwargs
+            )
+            record.add_attention(i, weights, placement)
+        return hidden_states
 
     def make_cache(self) -> SonettCache:
         """An empty cache for this model, its windowed layers trimmed to what their heads can see."""
