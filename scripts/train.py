@@ -6,6 +6,12 @@ Every field of `sonett.training.PretrainArguments` is a flag, e.g.
 
     python scripts/train.py --config sonett-small --data_files corpus.jsonl --max_steps 20000
     accelerate launch --config_file configuration/accelerate/... scripts/train.py --config sonett-small
+
+`vision` as the first argument runs the vision recipe instead (`sonett.vision_training.VisionArguments`): it
+teaches a trained text model (default `runs/sonett-tiny`, from `make demo`) to name digits and answer questions
+about shapes, and writes a multimodal folder and a picture grid of held-out predictions:
+
+    python scripts/train.py vision --text_model runs/sonett-tiny --plot docs/vision-samples.png
 """
 
 from __future__ import annotations
@@ -33,10 +39,58 @@ def generate_sample(folder: str, prompt: str = SAMPLE_PROMPT, max_new_tokens: in
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
+def plot_samples(samples: list[dict], path: str) -> None:
+    """A grid of held-out images with the question, the model's answer and whether it is right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 4
+    rows = (len(samples) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows))
+    for axis, sample in zip(axes.flat, samples):
+        axis.imshow(sample["image"])
+        right = sample["prediction"] == sample["answer"]
+        axis.set_title(
+            f"{sample['question']}\n-> {sample['prediction']!r} ({'right' if right else 'want ' + sample['answer']})",
+            fontsize=8,
+            color="darkgreen" if right else "darkred",
+        )
+        axis.axis("off")
+    for axis in list(axes.flat)[len(samples) :]:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def vision_main(argv: list[str]) -> None:
+    from sonett.vision_training import VisionArguments, train_vision
+
+    parser = HfArgumentParser(VisionArguments)
+    parser.add_argument("--plot", default=None, help="PNG of held-out predictions (default: <output_dir>/samples.png)")
+    args, extra = parser.parse_args_into_dataclasses(args=argv)
+    results = train_vision(args)
+    plot = extra.plot or os.path.join(args.output_dir, "samples.png")
+    plot_samples(results["samples"], plot)
+    print(f"\ntrainable parameters:  {results['trainable_parameters']:,} of {results['parameters']:,}")
+    print(f"steps:                 {results['steps']}")
+    print(f"digit naming accuracy: {results['digits_accuracy']:.2%} ({results['digits_test_images']} held-out images)")
+    print(
+        f"shape QA accuracy:     {results['shapes_accuracy']:.2%} ({results['shapes_test_questions']} held-out "
+        "questions)"
+    )
+    print(f"wall time:             {results['wall_time_s']:.0f} s")
+    print(f"model folder:          {args.output_dir}")
+    print(f"samples:               {plot}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("datasets", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if sys.argv[1:2] == ["vision"]:
+        return vision_main(sys.argv[2:])
     (args,) = HfArgumentParser(PretrainArguments).parse_args_into_dataclasses()
     started = time.perf_counter()
     results = pretrain(args)

@@ -4,28 +4,47 @@ Importing the package registers Sonett with the transformers Auto classes, and m
 remote code so that `save_pretrained` writes a folder that loads with `trust_remote_code=True` anywhere.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+)
 
 from .cache_sonett import SonettCache
-from .configuration_sonett import LAYER_KINDS, SonettConfig
-from .modeling_sonett import SonettForCausalLM, SonettModel, SonettPreTrainedModel
+from .configuration_sonett import LAYER_KINDS, SonettConfig, SonettVisionConfig
+from .image_processing_sonett import SonettImageProcessor
+from .modeling_sonett import SonettForCausalLM, SonettForConditionalGeneration, SonettModel, SonettPreTrainedModel
+from .processing_sonett import SonettProcessor
 
 __version__ = "0.1.0"
 
 AutoConfig.register("sonett", SonettConfig, exist_ok=True)
 AutoModel.register(SonettConfig, SonettModel, exist_ok=True)
 AutoModelForCausalLM.register(SonettConfig, SonettForCausalLM, exist_ok=True)
+AutoModelForImageTextToText.register(SonettConfig, SonettForConditionalGeneration, exist_ok=True)
 AutoTokenizer.register(SonettConfig, tokenizer_class=PreTrainedTokenizerFast, exist_ok=True)
+AutoImageProcessor.register(SonettConfig, image_processor_classes={"pil": SonettImageProcessor}, exist_ok=True)
+AutoProcessor.register(SonettConfig, SonettProcessor, exist_ok=True)
 
 SonettConfig.register_for_auto_class()
 SonettModel.register_for_auto_class("AutoModel")
 SonettForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+SonettForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
     "LAYER_KINDS",
     "SonettCache",
     "SonettConfig",
     "SonettForCausalLM",
+    "SonettForConditionalGeneration",
+    "SonettImageProcessor",
     "SonettModel",
     "SonettPreTrainedModel",
+    "SonettProcessor",
+    "SonettVisionConfig",
 ]

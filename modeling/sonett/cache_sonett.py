@@ -45,6 +45,7 @@ STATE_FIELDS = (
     "memory_update",
     "vocab_size",
     "hierarchy",
+    "cross_attention_layers",
 )
 
 
@@ -410,29 +411,49 @@ class SonettCache(Cache):
             if with_hourglass and getattr(text_config, "hierarchy", None)
             else None
         )
+        # Image keys/values of each cross-attention block `(batch, kv_heads, image tokens, head_dim)`, computed once
+        # per image, and which image tokens are real `(batch, image tokens)` (False for padding images).
+        self.image_states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.image_visible: torch.Tensor | None = None
+
+    def _select_rows(self, indices: torch.Tensor) -> None:
+        """Row `indices[i]` becomes row i in the hourglass and image state (the layers select their own)."""
+        if self.hourglass is not None:
+            self.hourglass.select_rows(indices)
+        self.image_states = {
+            i: (keys[indices.to(keys.device)], values[indices.to(values.device)])
+            for i, (keys, values) in self.image_states.items()
+        }
+        if self.image_visible is not None:
+            self.image_visible = self.image_visible[indices.to(self.image_visible.device)]
+
+    def _batch_rows(self) -> torch.Tensor | None:
+        for tensor in (self.image_visible, self.hourglass.buffer if self.hourglass is not None else None):
+            if tensor is not None:
+                return torch.arange(tensor.shape[0], device=tensor.device)
+        return None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.hourglass is not None:
-            self.hourglass.select_rows(beam_idx)
+        self._select_rows(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.hourglass is not None and self.hourglass.buffer is not None:
-            rows = torch.arange(self.hourglass.buffer.shape[0], device=self.hourglass.buffer.device)
-            self.hourglass.select_rows(rows.repeat_interleave(repeats))
+        rows = self._batch_rows()
+        if rows is not None:
+            self._select_rows(rows.repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.hourglass is not None:
-            if indices.dtype == torch.bool:
-                indices = indices.nonzero().squeeze(-1)
-            self.hourglass.select_rows(indices)
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().squeeze(-1)
+        self._select_rows(indices)
 
     def reset(self) -> None:
         super().reset()
         if self.hourglass is not None:
             self.hourglass.reset()
+        self.image_states, self.image_visible = {}, None
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.hourglass is not None and tokens_to_remove != 0:
@@ -455,6 +476,10 @@ class SonettCache(Cache):
         }
         if self.hourglass is not None:
             tensors.update({f"hourglass.{k}": v for k, v in self.hourglass.state_tensors().items()})
+        for i, (keys, values) in self.image_states.items():
+            tensors[f"images.{i}.keys"], tensors[f"images.{i}.values"] = keys, values
+        if self.image_visible is not None:
+            tensors["images.visible"] = self.image_visible
         return tensors
 
     def state_scalars(self) -> list[dict[str, int]]:
@@ -466,6 +491,12 @@ class SonettCache(Cache):
         for i, layer in enumerate(self.layers):
             prefix = f"layers.{i}."
             layer.load_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, scalars[i])
+        self.image_visible = tensors.get("images.visible")
+        self.image_states = {
+            int(name.split(".")[1]): (tensors[name], tensors[name.replace(".keys", ".values")])
+            for name in tensors
+            if name.startswith("images.") and name.endswith(".keys")
+        }
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far (every Sonett cache layer counts them, whatever its kind)."""
@@ -478,9 +509,8 @@ class SonettCache(Cache):
         for layer in self.layers:
             for tensor in layer.state_tensors().values():
                 return tensor.shape[0]
-        if self.hourglass is not None and self.hourglass.buffer is not None:
-            return self.hourglass.buffer.shape[0]
-        return None
+        rows = self._batch_rows()
+        return None if rows is None else len(rows)
 
     def nbytes(self) -> int:
         """Bytes held by all cached tensors (the shortened layers' state included)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
 # Layer kinds implemented so far. A new kind needs one mixer module (registered in modeling_sonett.py) and one
 # cache-layer class (registered in cache_sonett.py), plus its name here.
@@ -21,6 +22,75 @@ SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "yarn", "llama3")
 HIERARCHY_POOLINGS: tuple[str, ...] = ("linear", "mean")
 HIERARCHY_UPSAMPLINGS: tuple[str, ...] = ("repeat", "linear")
 HIERARCHY_KEYS: tuple[str, ...] = ("shorten_factor", "start_layer", "end_layer", "pooling", "upsampling")
+
+
+@strict
+class SonettVisionConfig(PreTrainedConfig):
+    r"""Configuration of Sonett's small ViT image encoder and of the projector into the text width.
+
+    Args:
+        image_size: Side of the square input image in pixels (the image processor resizes to it).
+        patch_size: Side of one square patch; `image_size` must be a multiple of it.
+        num_channels: Input channels (3, RGB).
+        hidden_size: Width of the encoder.
+        intermediate_size: Width of the encoder's GELU MLP.
+        num_hidden_layers: Bidirectional encoder blocks.
+        num_attention_heads: Heads of the encoder's self-attention.
+        layer_norm_eps: Epsilon of the encoder's LayerNorms.
+        num_visual_tokens: With a value, a resampler (learned queries attending to the patches, as Flamingo's
+            Perceiver resampler) turns every image into this many tokens; None keeps one token per patch.
+        initializer_range: Standard deviation of the normal weight initialisation.
+    """
+
+    model_type = "sonett_vision"
+    base_config_key = "vision_config"
+
+    image_size: int = 32
+    patch_size: int = 4
+    num_channels: int = 3
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    layer_norm_eps: float = 1e-6
+    num_visual_tokens: int | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def validate_architecture(self):
+        """Part of `@strict` validation (runs again on save)."""
+        for name in (
+            "image_size",
+            "patch_size",
+            "num_channels",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SonettVisionConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"SonettVisionConfig.image_size ({self.image_size}) must be a multiple of patch_size "
+                f"({self.patch_size})."
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"SonettVisionConfig.num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
+                f"({self.hidden_size})."
+            )
+        if self.num_visual_tokens is not None and self.num_visual_tokens < 1:
+            raise ValueError(
+                f"SonettVisionConfig.num_visual_tokens must be None or >= 1, got {self.num_visual_tokens}."
+            )
 
 
 @strict
@@ -69,6 +139,11 @@ class SonettConfig(PreTrainedConfig):
             `upsampling`: `repeat` (each shortened output repeated k times through one linear map, default) or
             `linear` (one linear map per position in the group). Windows of the shortened layers count
             shortened tokens, so they reach k times further back.
+        vision_config: a `SonettVisionConfig` (or its dict) for the image encoder of
+            `SonettForConditionalGeneration`; None for a text-only model.
+        cross_attention_layers: indices of the decoder layers that get a gated cross-attention block to the images
+            (run before the layer; tanh gates start at 0, so the text behaviour is unchanged until trained).
+        image_token_id: the token that marks an image in the text.
 
     Example:
         >>> from sonett import SonettConfig, SonettForCausalLM
@@ -77,6 +152,7 @@ class SonettConfig(PreTrainedConfig):
     """
 
     model_type = "sonett"
+    sub_configs_defaults = {"vision_config": SubConfigSpec(SonettVisionConfig, optional=True)}
     keys_to_ignore_at_inference = ["cache"]
     default_theta = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0, "memory_attention": 10_000.0}
     base_model_tp_plan = {
@@ -128,6 +204,9 @@ class SonettConfig(PreTrainedConfig):
     memory_update: str = "linear"
     memory_chunk_size: int = 64
     hierarchy: dict | None = None
+    vision_config: dict | SonettVisionConfig | None = None
+    cross_attention_layers: list[int] | None = None
+    image_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.layer_types is None:
@@ -194,6 +273,7 @@ class SonettConfig(PreTrainedConfig):
             )
         self._check_mixer_settings()
         self._check_hierarchy()
+        self._check_vision()
         for kind in set(self.layer_types) & set(ROPE_KINDS):
             rope_type = self.rope_parameters_for(kind).get("rope_type", "default")
             if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -277,6 +357,33 @@ class SonettConfig(PreTrainedConfig):
         merged = {**defaults, **self.hierarchy}
         self.hierarchy = {key: merged[key] for key in HIERARCHY_KEYS}
 
+    def _check_vision(self) -> None:
+        layers = self.cross_attention_layers or []
+        if layers and self.vision_config is None:
+            raise ValueError(
+                "SonettConfig.cross_attention_layers is set but vision_config is None; give a vision_config "
+                "(e.g. {} for the defaults) or drop the cross-attention layers."
+            )
+        for index in layers:
+            if not isinstance(index, int) or not 0 <= index < self.num_hidden_layers:
+                raise ValueError(
+                    f"SonettConfig.cross_attention_layers has {index!r}; entries must be layer indices in "
+                    f"[0, {self.num_hidden_layers})."
+                )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"SonettConfig.cross_attention_layers has repeated entries: {layers}.")
+        inside = sorted(set(layers) & set(self.hierarchy_span()))
+        if inside:
+            raise ValueError(
+                f"SonettConfig.cross_attention_layers {inside} lie inside the hierarchy span "
+                f"{list(self.hierarchy_span())}; place cross-attention at full-length layers."
+            )
+        if self.image_token_id is not None and not 0 <= self.image_token_id < self.vocab_size:
+            raise ValueError(
+                f"SonettConfig.image_token_id = {self.image_token_id} lies outside the vocabulary "
+                f"[0, {self.vocab_size})."
+            )
+
     def hierarchy_span(self) -> range:
         """Indices of the layers that run on the shortened sequence (empty without a hierarchy)."""
         if self.hierarchy is None:
@@ -305,4 +412,4 @@ class SonettConfig(PreTrainedConfig):
         self._check_fields()
 
 
-__all__ = ["LAYER_KINDS", "ROPE_KINDS", "SonettConfig"]
+__all__ = ["LAYER_KINDS", "ROPE_KINDS", "SonettConfig", "SonettVisionConfig"]

@@ -21,10 +21,12 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .attention_sonett import SonettAttention
 from .cache_sonett import SonettCache
 from .configuration_sonett import ROPE_KINDS, SonettConfig
+from .cross_attention_sonett import SonettCrossAttentionBlock
 from .hierarchy_sonett import ShortenedPlacement, SonettHourglass
 from .layers_sonett import SonettMLP, SonettRMSNorm, SonettRotaryEmbedding
 from .linear_attention_sonett import SonettLinearAttention
 from .memory_attention_sonett import SonettMemoryAttention
+from .vision_sonett import SonettMultiModalProjector, SonettVisionModel
 
 # layer kind -> mixer module. Register new kinds here.
 MIXER_CLASSES: dict[str, type[nn.Module]] = {
@@ -102,6 +104,8 @@ class SonettPreTrainedModel(PreTrainedModel):
             module.reset_sonett_parameters()
         if getattr(module, "sonett_zero_init", False):
             init.zeros_(module.weight)
+        if isinstance(module, SonettMultiModalProjector) and module.resampler_queries is not None:
+            init.normal_(module.resampler_queries, std=self.config.initializer_range)
         if isinstance(module, SonettRotaryEmbedding):
             for kind in module.kinds:
                 inv_freq, _ = module.compute_inv_freq(kind)
@@ -245,6 +249,13 @@ class _Recorder:
         return tuple(self._whole(self.weights[i]) for i in sorted(self.weights))
 
 
+class _ImageContext:
+    """Per cross-attention block image keys/values, and `visible` `(batch, seq, image tokens)` for this call."""
+
+    def __init__(self, states: dict[int, tuple[torch.Tensor, torch.Tensor]], visible: torch.Tensor) -> None:
+        self.states, self.visible = states, visible
+
+
 class SonettModel(SonettPreTrainedModel):
     """The Sonett decoder stack without a language-model head."""
 
@@ -256,6 +267,9 @@ class SonettModel(SonettPreTrainedModel):
         self.layers = nn.ModuleList(SonettDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = SonettRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.hourglass = SonettHourglass(config) if config.hierarchy else None
+        self.cross_attention_blocks = nn.ModuleDict(
+            {str(i): SonettCrossAttentionBlock(config) for i in config.cross_attention_layers or []}
+        )
         rope_kinds = [kind for kind in config.layer_types if kind in ROPE_KINDS]
         self.rotary_emb = SonettRotaryEmbedding(config, rope_kinds)
         self.gradient_checkpointing = False
@@ -278,6 +292,9 @@ class SonettModel(SonettPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        image_tokens: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Run the decoder.
@@ -291,6 +308,11 @@ class SonettModel(SonettPreTrainedModel):
             cache: a `SonettCache` holding the state of earlier tokens; created when `use_cache` and None.
             inputs_embeds: `(batch, seq, hidden_size)` instead of `input_ids`.
             use_cache: return the updated cache (defaults to `config.use_cache` at inference, False in training).
+            image_tokens: `(batch, images, tokens per image, hidden_size)` projected visual tokens for the
+                cross-attention blocks (from `SonettForConditionalGeneration`); kept in the cache for decoding.
+            image_mask: `(batch, images)`, 1 for a real image and 0 for a padding slot.
+            cross_attention_mask: `(batch, seq or past + seq, images)`, 1 where a text position may see an image;
+                derived from the image markers in `input_ids` when None.
 
         Returns:
             `BaseModelOutputWithPast` with `last_hidden_state` `(batch, seq, hidden_size)` and `cache`.
@@ -324,16 +346,17 @@ class SonettModel(SonettPreTrainedModel):
             position_ids = self._default_position_ids(inputs_embeds, attention_mask, past_length)
         position_ids = position_ids.expand(inputs_embeds.shape[0], -1)
 
+        images = self._image_context(image_tokens, image_mask, cross_attention_mask, input_ids, cache, inputs_embeds)
         # Full-length layers before and after the hourglass span (all layers without a hierarchy).
         span = self.config.hierarchy_span()
         before = list(range(span.start)) if span else list(range(len(self.layers)))
         after = list(range(span.stop, len(self.layers))) if span else []
         record = _Recorder(output_hidden_states, output_attentions, len(self.layers))
         masks, rope = self._masks_and_rope(before + after, inputs_embeds, attention_mask, position_ids, cache, record)
-        hidden_states = self._run_layers(before, inputs_embeds, masks, rope, cache, record, kwargs)
+        hidden_states = self._run_layers(before, inputs_embeds, masks, rope, cache, record, kwargs, images=images)
         if span:
             hidden_states = self._run_hourglass(hidden_states, attention_mask, position_ids, cache, record, kwargs)
-            hidden_states = self._run_layers(after, hidden_states, masks, rope, cache, record, kwargs)
+            hidden_states = self._run_layers(after, hidden_states, masks, rope, cache, record, kwargs, images=images)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
@@ -341,6 +364,70 @@ class SonettModel(SonettPreTrainedModel):
             hidden_states=record.hidden_states(hidden_states),
             attentions=record.attentions(),
         )
+
+    def _image_context(
+        self,
+        image_tokens: torch.Tensor | None,
+        image_mask: torch.Tensor | None,
+        cross_attention_mask: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
+        cache: SonettCache | None,
+        inputs_embeds: torch.Tensor,
+    ) -> _ImageContext | None:
+        """Image keys/values per cross-attention block and which image tokens each new position sees."""
+        if not self.cross_attention_blocks:
+            if image_tokens is not None:
+                raise ValueError("This model has no cross_attention_layers, so it cannot take images.")
+            return None
+        batch, seq = inputs_embeds.shape[:2]
+        if image_tokens is not None:
+            if image_tokens.dim() != 4 or image_tokens.shape[0] != batch:
+                raise ValueError(
+                    f"image_tokens must have shape (batch {batch}, images, tokens, hidden), got "
+                    f"{tuple(image_tokens.shape)}."
+                )
+            num_images, per_image = image_tokens.shape[1:3]
+            flat = image_tokens.reshape(batch, num_images * per_image, -1)
+            states = {
+                int(i): block.cross_attn.image_keys_values(flat) for i, block in self.cross_attention_blocks.items()
+            }
+            real = torch.ones(batch, num_images, dtype=torch.bool, device=flat.device)
+            if image_mask is not None:
+                real = image_mask.to(flat.device).bool()
+            real_tokens = real.repeat_interleave(per_image, dim=1)
+            if cache is not None:
+                cache.image_states, cache.image_visible = states, real_tokens
+            if cross_attention_mask is None:
+                cross_attention_mask = self._markers_to_cross_mask(input_ids, real)
+        elif cache is not None and cache.image_states:
+            states, real_tokens = cache.image_states, cache.image_visible
+        else:
+            return None
+        tokens = real_tokens.shape[1]
+        if cross_attention_mask is None:  # decoding: every image so far is before the new tokens
+            visible = real_tokens[:, None, :].expand(batch, seq, tokens)
+        else:
+            per_image = tokens // cross_attention_mask.shape[-1]
+            visible = cross_attention_mask[:, -seq:].to(real_tokens.device).bool().repeat_interleave(per_image, dim=-1)
+            visible = visible & real_tokens[:, None, :]
+        return _ImageContext(states, visible)
+
+    def _markers_to_cross_mask(self, input_ids: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
+        """`(batch, seq, images)`: image n is visible from the position of its marker on (the n-th image token)."""
+        if input_ids is None or self.config.image_token_id is None:
+            raise ValueError(
+                "Pass cross_attention_mask (from SonettProcessor) with images, or input_ids and a config with "
+                "image_token_id so the image markers can be found."
+            )
+        markers = (input_ids == self.config.image_token_id).long().cumsum(dim=1)  # (batch, seq)
+        found, given = markers[:, -1], real.sum(dim=1)
+        if bool((found != given).any()):
+            row = int((found != given).nonzero()[0, 0])
+            raise ValueError(
+                f"Row {row} has {int(found[row])} image markers ({self.config.image_token_id}) in the text but "
+                f"{int(given[row])} images; give one image per marker."
+            )
+        return markers[:, :, None] > torch.arange(real.shape[1], device=input_ids.device)
 
     def _masks_and_rope(
         self,
@@ -414,10 +501,15 @@ class SonettModel(SonettPreTrainedModel):
         record: _Recorder,
         kwargs: dict,
         placement: ShortenedPlacement | None = None,
+        images: _ImageContext | None = None,
     ) -> torch.Tensor:
-        """Run the decoder layers `layer_ids` in order on `hidden_states` `(batch, seq, hidden_size)`."""
+        """Run the decoder layers `layer_ids` in order on `hidden_states` `(batch, seq, hidden_size)`, each after
+        its cross-attention block when there is one and images to attend to."""
         for i in layer_ids:
             layer = self.layers[i]
+            if images is not None and i in images.states:
+                keys, values = images.states[i]
+                hidden_states = self.cross_attention_blocks[str(i)](hidden_states, keys, values, images.visible)
             record.add_hidden(i, hidden_states, placement)
             hidden_states, weights = layer(
                 hidden_states, attention_mask=masks[i], position_embeddings=rope.get(layer.kind), cache=cache, **kwargs
@@ -533,6 +625,12 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             **kwargs,
         )
+        return self.head_outputs(outputs, labels, logits_to_keep, loss_kwargs)
+
+    def head_outputs(
+        self, outputs: BaseModelOutputWithPast, labels: torch.Tensor | None, logits_to_keep, loss_kwargs: dict
+    ) -> CausalLMOutputWithPast:
+        """Logits of the kept positions and, with `labels`, the LM loss (plus the span penalty in training)."""
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
@@ -564,4 +662,135 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["MIXER_CLASSES", "SonettForCausalLM", "SonettModel", "SonettPreTrainedModel"]
+class SonettForConditionalGeneration(SonettForCausalLM):
+    """Sonett with images: a ViT encoder and projector, fused into the text decoder by gated cross-attention.
+
+    The text part (`model`, `lm_head`) has the same names and shapes as in `SonettForCausalLM`, so
+    `from_text_model` upgrades a trained text model; while the tanh gates are 0 its text logits are unchanged.
+    """
+
+    auto_map_heads = {
+        **SonettForCausalLM.auto_map_heads,
+        "AutoModelForImageTextToText": "modeling_sonett.SonettForConditionalGeneration",
+    }
+
+    def __init__(self, config: SonettConfig) -> None:
+        if config.vision_config is None or not config.cross_attention_layers:
+            raise ValueError(
+                "SonettForConditionalGeneration needs config.vision_config and config.cross_attention_layers; "
+                "use SonettForConditionalGeneration.from_text_model(...) to upgrade a text model."
+            )
+        super().__init__(config)
+        self.vision_model = SonettVisionModel(config.vision_config)
+        self.multi_modal_projector = SonettMultiModalProjector(config)
+        self.post_init()
+
+    @classmethod
+    def from_text_model(
+        cls,
+        text_model: SonettForCausalLM,
+        cross_attention_layers: list[int],
+        vision_config: dict | None = None,
+        image_token_id: int | None = None,
+    ) -> SonettForConditionalGeneration:
+        """A multimodal model whose text weights are `text_model`'s; new parts are freshly initialised.
+
+        Args:
+            text_model: a trained `SonettForCausalLM`.
+            cross_attention_layers: decoder layers that get a gated cross-attention block.
+            vision_config: `SonettVisionConfig` settings (defaults when None).
+            image_token_id: the image marker token (default: the text config's, else 3, `<|image|>`).
+        """
+        values = text_model.config.to_dict()
+        for key in ("auto_map", "architectures", "transformers_version", "model_type"):
+            values.pop(key, None)
+        values.update(
+            vision_config=vision_config or {},
+            cross_attention_layers=list(cross_attention_layers),
+            image_token_id=image_token_id if image_token_id is not None else text_model.config.image_token_id or 3,
+        )
+        config = SonettConfig(**values)
+        model = cls(config).to(dtype=text_model.dtype, device=text_model.device)
+        missing, unexpected = model.load_state_dict(text_model.state_dict(), strict=False)
+        new_parts = ("vision_model.", "multi_modal_projector.", "model.cross_attention_blocks.")
+        if unexpected or [name for name in missing if not name.startswith(new_parts)]:
+            raise ValueError(f"The text model does not fit: missing {missing}, unexpected {unexpected}.")
+        model.train(text_model.training)
+        return model
+
+    def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values `(batch, images, channels, H, W)` -> visual tokens `(batch, images, tokens, hidden_size)`."""
+        if pixel_values.dim() == 4:
+            pixel_values = pixel_values[:, None]
+        if pixel_values.dim() != 5:
+            raise ValueError(
+                f"pixel_values must have shape (batch, images, channels, height, width), got "
+                f"{tuple(pixel_values.shape)}."
+            )
+        batch, images = pixel_values.shape[:2]
+        features = self.vision_model(pixel_values.flatten(0, 1))
+        tokens = self.multi_modal_projector(features)
+        return tokens.view(batch, images, tokens.shape[1], tokens.shape[2])
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: SonettCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Next-token logits of text that may interleave images.
+
+        Args:
+            pixel_values: `(batch, images, 3, H, W)` from `SonettProcessor` (only with the prompt; decoding
+                reads the image keys/values kept in the cache).
+            image_mask: `(batch, images)`, 1 for a real image, 0 for a padding slot.
+            cross_attention_mask: `(batch, seq, images)`, 1 where a position may see an image (its marker comes
+                at or before it); derived from the image markers when None.
+            Other arguments as in `SonettForCausalLM.forward`.
+        """
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        image_tokens = self.get_image_tokens(pixel_values) if pixel_values is not None else None
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            image_tokens=image_tokens,
+            image_mask=image_mask,
+            cross_attention_mask=cross_attention_mask,
+            **kwargs,
+        )
+        return self.head_outputs(outputs, labels, logits_to_keep, loss_kwargs)
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        """Extend `cross_attention_mask` by one row per new token: it sees what the last position saw."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        mask = model_kwargs.get("cross_attention_mask")
+        if mask is not None:
+            model_kwargs["cross_attention_mask"] = torch.cat([mask, mask[:, -1:]], dim=1)
+        return model_kwargs
+
+
+__all__ = [
+    "MIXER_CLASSES",
+    "SonettForCausalLM",
+    "SonettForConditionalGeneration",
+    "SonettModel",
+    "SonettPreTrainedModel",
+]

@@ -1,0 +1,90 @@
+"""The vision recipe end to end on a tiny text model: it trains, keeps a frozen language model unchanged, merges
+LoRA into a plain folder, and the folder reloads through AutoProcessor / AutoModelForImageTextToText."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from sonett import SonettConfig, SonettForCausalLM
+from sonett.tokenizer_training import train_bpe_tokenizer
+from sonett.vision_data import DIGIT_NAMES, SHAPES_ANSWERS
+from sonett.vision_training import VisionArguments, train_vision
+
+WORDS = " ".join([*DIGIT_NAMES, *SHAPES_ANSWERS])
+CORPUS = [f"what digit is this? how many shapes? what colour is the circle? {WORDS}"] * 20
+
+
+@pytest.fixture(scope="module")
+def text_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("text")
+    tokenizer = train_bpe_tokenizer(CORPUS, vocab_size=320, min_frequency=1)
+    config = SonettConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        layer_types=["linear_attention", "sliding_attention", "full_attention"],
+        sliding_window=8,
+        linear_feature_dim=4,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    SonettForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_args(text_folder, output_dir, **overrides):
+    settings = {
+        "text_model": str(text_folder),
+        "output_dir": str(output_dir),
+        "cross_attention_layers": [0, 2],
+        "image_size": 16,
+        "vision_hidden_size": 32,
+        "vision_layers": 1,
+        "train_shapes": 40,
+        "test_shapes": 4,
+        "eval_questions": 8,
+        "max_steps": 4,
+        "batch_size": 8,
+        "warmup_steps": 1,
+        **overrides,
+    }
+    return VisionArguments(**settings)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["frozen", "lora"])
+def test_recipe_writes_a_folder_that_reloads(text_folder, tmp_path, lora_rank):
+    results = train_vision(tiny_args(text_folder, tmp_path / "out", text_lora_rank=lora_rank))
+    assert 0.0 <= results["digits_accuracy"] <= 1.0 and results["digits_test_images"] > 300
+    assert results["shapes_test_questions"] == 8 and len(results["samples"]) == 16
+    saved = json.loads((tmp_path / "out" / "vision_results.json").read_text())
+    assert saved["digits_accuracy"] == results["digits_accuracy"]
+
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert not [name for name in weights if "lora" in name], "LoRA must be merged into plain weights"
+    text_weights = load_file(text_folder / "model.safetensors")
+    layer = "model.layers.1.mlp.down_proj.weight"
+    if lora_rank == 0:
+        assert torch.equal(weights[layer], text_weights[layer])  # the frozen language model is unchanged
+    assert not torch.equal(weights["model.cross_attention_blocks.0.attn_gate"], torch.zeros(1))
+
+    processor = AutoProcessor.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    sample = results["samples"][0]
+    inputs = processor(text=["<|image|>what digit is this?"], images=[[sample["image"]]], return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_a_missing_text_model_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No text model at"):
+        train_vision(VisionArguments(text_model=str(tmp_path / "nothing"), output_dir=str(tmp_path / "out")))
