@@ -2,8 +2,8 @@
 
 The encoder cuts an image into patches, embeds them with learned row and column embeddings (2-D positions)
 and runs bidirectional pre-norm blocks. The projector maps patch features into the text width through a
-two-layer MLP; with `num_visual_tokens`, a resampler (learned queries attending to the patches, as Flamingo's
-Perceiver resampler) first reduces every image to a fixed number of tokens.
+two-layer MLP and an RMSNorm; with `num_visual_tokens`, a resampler (learned queries attending to the patches,
+as Flamingo's Perceiver resampler) first reduces every image to a fixed number of tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_sonett import SonettConfig, SonettVisionConfig
+from .layers_sonett import SonettRMSNorm
 
 
 class SonettVisionAttention(nn.Module):
@@ -100,12 +101,15 @@ class SonettMultiModalProjector(nn.Module):
             self.resampler = SonettVisionAttention(vision.hidden_size, vision.num_attention_heads)
         self.up_proj = nn.Linear(vision.hidden_size, config.hidden_size)
         self.down_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        # Visual tokens at unit RMS, the scale of the text residual stream they are read into; without it they
+        # start ~50x smaller and the cross-attention's value path learns far too slowly.
+        self.norm = SonettRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.resampler_queries is not None:
             queries = self.resampler_queries.expand(features.shape[0], -1, -1)
             features = queries + self.resampler(queries, self.resampler_norm(features))
-        return self.down_proj(F.gelu(self.up_proj(features)))
+        return self.norm(self.down_proj(F.gelu(self.up_proj(features))))
 
 
 __all__ = ["SonettMultiModalProjector", "SonettVisionModel"]
