@@ -180,6 +180,10 @@ REMOTE = textwrap.dedent(
 
 def test_save_load_and_remote_code_give_identical_outputs(tmp_path):
     _, model = multimodal()
+    with torch.no_grad():  # trained-looking LayerScale values must survive loading (not be re-initialised)
+        for block in model.vision_model.layers:
+            block.attn_scale.uniform_(0.3, 0.9)
+            block.mlp_scale.uniform_(0.3, 0.9)
     model.save_pretrained(tmp_path / "model")
     ids, images = prompt(), pixels()
     with torch.no_grad():
@@ -188,6 +192,7 @@ def test_save_load_and_remote_code_give_identical_outputs(tmp_path):
 
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "model").eval()
     assert type(loaded) is SonettForConditionalGeneration
+    assert torch.equal(loaded.vision_model.layers[0].attn_scale, model.vision_model.layers[0].attn_scale)
     with torch.no_grad():
         assert torch.equal(loaded(ids, pixel_values=images).logits, logits)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 from .configuration_sonett import SonettConfig, SonettVisionConfig
 from .layers_sonett import SonettRMSNorm
@@ -41,19 +42,31 @@ class SonettVisionAttention(nn.Module):
 
 
 class SonettVisionBlock(nn.Module):
-    """Pre-norm transformer block: `x += attn(norm(x)); x += mlp(norm(x))`, no mask."""
+    """Pre-norm transformer block with LayerScale (CaiT): `x += s1 * attn(norm(x)); x += s2 * mlp(norm(x))`, no mask.
+
+    The per-channel scales start at `LAYER_SCALE_INIT`, so a new encoder starts close to its patch embedding and
+    its features are learnable from the first steps (a small ViT trained from scratch learns far slower without).
+    """
+
+    LAYER_SCALE_INIT = 0.1
 
     def __init__(self, config: SonettVisionConfig) -> None:
         super().__init__()
+        self.attn_scale = nn.Parameter(torch.full((config.hidden_size,), self.LAYER_SCALE_INIT))
+        self.mlp_scale = nn.Parameter(torch.full((config.hidden_size,), self.LAYER_SCALE_INIT))
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = SonettVisionAttention(config.hidden_size, config.num_attention_heads)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
 
+    def reset_sonett_parameters(self) -> None:
+        init.constant_(self.attn_scale, self.LAYER_SCALE_INIT)
+        init.constant_(self.mlp_scale, self.LAYER_SCALE_INIT)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states))
-        return hidden_states + self.down_proj(F.gelu(self.up_proj(self.layer_norm2(hidden_states))))
+        hidden_states = hidden_states + self.attn_scale * self.self_attn(self.layer_norm1(hidden_states))
+        return hidden_states + self.mlp_scale * self.down_proj(F.gelu(self.up_proj(self.layer_norm2(hidden_states))))
 
 
 class SonettVisionModel(nn.Module):
