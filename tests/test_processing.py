@@ -2,7 +2,6 @@
 code in a fresh process where `sonett` cannot be imported)."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_remote_code import NO_PACKAGE_PREAMBLE, fresh_process_env
 from transformers import AutoProcessor
 
 from sonett import SonettImageProcessor, SonettProcessor
@@ -207,18 +207,8 @@ def test_same_process_round_trip(saved):
         assert torch.equal(out[key], value), key
 
 
-FRESH_SCRIPT = textwrap.dedent(
+FRESH_SCRIPT = NO_PACKAGE_PREAMBLE + textwrap.dedent(
     """
-    import sys
-
-    sys.modules["sonett"] = None  # everything must come from the folder
-    try:
-        import sonett  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("sonett is importable")
-
     import json
 
     from safetensors.torch import save_file
@@ -242,9 +232,7 @@ def test_fresh_process_without_package_loads_remote_code(saved, tmp_path):
     script = tmp_path / "load_processor.py"
     script.write_text(FRESH_SCRIPT)
     out_path = tmp_path / "out.safetensors"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_MODULES_CACHE")}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["TOKENIZERS_PARALLELISM"] = "false"
+    env = fresh_process_env(tmp_path)
     inputs = [json.dumps(saved["paths"]), json.dumps(INTERLEAVED)]
     args = [sys.executable, str(script), str(saved["folder"]), str(out_path), *inputs]
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)

@@ -39,19 +39,24 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 NEW_TOKENS = 8
 ABSOLUTE_IMPORT = re.compile(r"^\s*(from\s+sonett\b|import\s+sonett\b)", re.MULTILINE)
 
-# Runs in a fresh interpreter: argv = model folder, output file, optional folder to re-save into.
-REMOTE_SCRIPT = textwrap.dedent(
+# Opens every fresh-interpreter script: the package must not be importable, so everything comes from the folder.
+NO_PACKAGE_PREAMBLE = textwrap.dedent(
     """
     import sys
 
-    sys.modules["sonett"] = None  # the package must not be importable: everything comes from the folder
+    sys.modules["sonett"] = None
     try:
         import sonett  # noqa: F401
     except ImportError:
         pass
     else:
         raise SystemExit("sonett is importable")
+    """
+)
 
+# Runs in a fresh interpreter: argv = model folder, output file, optional folder to re-save into.
+REMOTE_SCRIPT = NO_PACKAGE_PREAMBLE + textwrap.dedent(
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM

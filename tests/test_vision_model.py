@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers_model import PAD, max_diff, random_ids, tiny_model
 from safetensors.torch import load_file
-from test_remote_code import fresh_process_env
+from test_remote_code import NO_PACKAGE_PREAMBLE, fresh_process_env
 from transformers import AutoModelForImageTextToText
 
 from sonett import SonettCache, SonettConfig, SonettForConditionalGeneration
@@ -159,10 +159,8 @@ def test_resampler_gives_a_fixed_number_of_visual_tokens():
     assert max_diff(tokens[:, :, 0], tokens[:, :, 1]) > 1e-4  # queries start different
 
 
-REMOTE = textwrap.dedent(
+REMOTE = NO_PACKAGE_PREAMBLE + textwrap.dedent(
     """
-    import sys
-    sys.modules["sonett"] = None
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForImageTextToText

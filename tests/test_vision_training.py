@@ -10,8 +10,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from sonett import SonettConfig, SonettForCausalLM
 from sonett.tokenizer_training import train_bpe_tokenizer
-from sonett.vision_data import DIGIT_NAMES, SHAPES_ANSWERS
-from sonett.vision_training import VisionArguments, train_vision
+from sonett.vision_data import DIGIT_NAMES, SHAPES_ANSWERS, digits_examples
+from sonett.vision_training import VisionArguments, answer_accuracy, question_records, train_vision
 
 WORDS = " ".join([*DIGIT_NAMES, *SHAPES_ANSWERS])
 CORPUS = [f"what digit is this? how many shapes? what colour is the circle? {WORDS}"] * 20
@@ -76,13 +76,13 @@ def test_recipe_writes_a_folder_that_reloads(text_folder, tmp_path, lora_rank):
         assert torch.equal(weights[layer], text_weights[layer])  # the frozen language model is unchanged
     assert not torch.equal(weights["model.cross_attention_blocks.0.attn_gate"], torch.zeros(1))
 
+    # The folder is the model that was evaluated: its held-out answers reproduce the reported accuracy.
     processor = AutoProcessor.from_pretrained(tmp_path / "out", trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
-    sample = results["samples"][0]
-    inputs = processor(text=["<|image|>what digit is this?"], images=[[sample["image"]]], return_tensors="pt")
-    assert inputs["pixel_values"].shape == (1, 1, 3, 16, 16)
-    with torch.no_grad():
-        assert torch.isfinite(model(**inputs).logits).all()
+    digits_test = question_records(digits_examples("test", seed=0, image_size=16), "digits")
+    accuracy, predictions = answer_accuracy(model, processor, digits_test)
+    assert accuracy == results["digits_accuracy"]
+    assert predictions[:8] == [sample["prediction"] for sample in results["samples"][:8]]
 
 
 def test_a_missing_text_model_is_a_clear_error(tmp_path):

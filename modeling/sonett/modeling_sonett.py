@@ -760,23 +760,23 @@ class SonettForConditionalGeneration(SonettForCausalLM):
                 at or before it); derived from the image markers when None.
             Other arguments as in `SonettForCausalLM.forward`.
         """
-        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
         image_tokens = self.get_image_tokens(pixel_values) if pixel_values is not None else None
-        outputs = self.model(
+        return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
+            labels=labels,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            logits_to_keep=logits_to_keep,
             image_tokens=image_tokens,
             image_mask=image_mask,
             cross_attention_mask=cross_attention_mask,
             **kwargs,
         )
-        return self.head_outputs(outputs, labels, logits_to_keep, loss_kwargs)
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """Extend `cross_attention_mask` by one row per new token: it sees what the last position saw."""

@@ -90,14 +90,29 @@ def build_config(preset: dict, tokenizer: PreTrainedTokenizerBase) -> SonettConf
     )
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices, none on norms, biases and other vectors."""
-    decay, no_decay = [], []
+GATE_PARAMETERS = ("attn_gate", "mlp_gate")  # the tanh gates of the cross-attention blocks
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, gate_lr: float | None = None) -> list[dict]:
+    """AdamW groups of the trainable parameters: decay on matrices, none on norms, biases and other vectors.
+
+    With `gate_lr`, the cross-attention tanh gates get their own group at that learning rate (they start at 0 and
+    must open), without weight decay.
+    """
+    decay, no_decay, gates = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.dim() >= 2 and "norm" not in name else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if gate_lr is not None and name.endswith(GATE_PARAMETERS):
+            gates.append(param)
+        elif param.dim() >= 2 and "norm" not in name:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if gates:
+        groups.append({"params": gates, "weight_decay": 0.0, "lr": gate_lr})
+    return groups
 
 
 def _collate(rows: list[dict]) -> dict[str, torch.Tensor]:

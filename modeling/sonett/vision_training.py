@@ -30,6 +30,7 @@ from .hub import count_parameters
 from .image_processing_sonett import SonettImageProcessor
 from .modeling_sonett import SonettForCausalLM, SonettForConditionalGeneration
 from .processing_sonett import SonettProcessor
+from .training import parameter_groups
 from .vision_data import (
     SHAPES_TEST_SEED,
     SHAPES_TRAIN_SEED,
@@ -100,26 +101,20 @@ class ChatEncoder:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.cache: dict[tuple[str, str | None], tuple[list[int], list[int]]] = {}
+        self.cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
 
-    def __call__(self, question: str, answer: str | None) -> tuple[list[int], list[int]]:
-        """(input ids, labels with -100 outside the answer) for training; the prompt ids when `answer` is None."""
+    def __call__(self, question: str, answer: str) -> tuple[list[int], list[int]]:
+        """Input ids and labels (-100 outside the assistant's answer) of one question about an image."""
         key = (question, answer)
         if key not in self.cache:
-            if answer is None:
-                messages = to_chat({"image": None}, question, "")[:1]
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-                self.cache[key] = (ids, [-100] * len(ids))
-            else:
-                encoded = self.tokenizer.apply_chat_template(
-                    to_chat({"image": None}, question, answer),
-                    tokenize=True,
-                    return_dict=True,
-                    return_assistant_tokens_mask=True,
-                )
-                ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
-                self.cache[key] = (ids, [t if m else -100 for t, m in zip(ids, mask)])
+            encoded = self.tokenizer.apply_chat_template(
+                to_chat({"image": None}, question, answer),
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=True,
+            )
+            ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+            self.cache[key] = (ids, [t if m else -100 for t, m in zip(ids, mask)])
         return self.cache[key]
 
 
@@ -150,6 +145,7 @@ def answer_accuracy(
     model: SonettForConditionalGeneration, processor: SonettProcessor, records: list[dict], batch_size: int = 64
 ) -> tuple[float, list[str]]:
     """Share of records whose greedy answer equals the expected one, and the predicted answers."""
+    was_training = model.training
     model.eval()
     tokenizer = processor.tokenizer
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
@@ -170,28 +166,8 @@ def answer_accuracy(
         new = generated[:, inputs["input_ids"].shape[1] :]
         predictions += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
     correct = sum(p == r["answer"] for p, r in zip(predictions, records))
-    model.train()
+    model.train(was_training)
     return correct / max(len(records), 1), predictions
-
-
-def vision_parameter_groups(model: torch.nn.Module, args: VisionArguments) -> list[dict]:
-    """AdamW groups of the trainable parameters: decay on matrices; none on norms, biases and gates; the tanh gates
-    at `gate_lr_multiplier` times the learning rate (they start at 0 and must open)."""
-    groups = {"decay": [], "no_decay": [], "gates": []}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith(("attn_gate", "mlp_gate")):
-            groups["gates"].append(param)
-        elif param.dim() >= 2 and "norm" not in name:
-            groups["decay"].append(param)
-        else:
-            groups["no_decay"].append(param)
-    return [
-        {"params": groups["decay"], "weight_decay": args.weight_decay},
-        {"params": groups["no_decay"], "weight_decay": 0.0},
-        {"params": groups["gates"], "weight_decay": 0.0, "lr": args.learning_rate * args.gate_lr_multiplier},
-    ]
 
 
 def add_text_lora(model: SonettForConditionalGeneration, rank: int):
@@ -265,7 +241,8 @@ def train_vision(args: VisionArguments) -> dict:
     eval_rng = random.Random(args.seed + 1)
     shapes_eval = eval_rng.sample(shapes_test, min(args.eval_questions, len(shapes_test)))
 
-    optimizer = torch.optim.AdamW(vision_parameter_groups(model, args), lr=args.learning_rate, betas=(0.9, 0.95))
+    groups = parameter_groups(model, args.weight_decay, gate_lr=args.learning_rate * args.gate_lr_multiplier)
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95))
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     encoder = ChatEncoder(tokenizer)
@@ -328,4 +305,4 @@ def train_vision(args: VisionArguments) -> dict:
     return results
 
 
-__all__ = ["VisionArguments", "answer_accuracy", "train_vision"]
+__all__ = ["VisionArguments", "answer_accuracy", "question_records", "train_vision"]
