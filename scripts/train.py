@@ -80,6 +80,12 @@ def vision_main(argv: list[str]) -> None:
         f"shape QA accuracy:     {results['shapes_accuracy']:.2%} ({results['shapes_test_questions']} held-out "
         "questions)"
     )
+    for name, accuracy in results["shapes_accuracy_by_type"].items():
+        print(f"  {name + ':':21s}{accuracy:.2%}")
+    if results["encoder_stage"]:
+        stage = results["encoder_stage"]
+        accuracies = ", ".join(f"{name} {value:.2%}" for name, value in stage["held_out_accuracy"].items())
+        print(f"encoder stage:         {stage['steps']} steps, held-out annotations: {accuracies}")
     print(f"wall time:             {results['wall_time_s']:.0f} s")
     print(f"model folder:          {args.output_dir}")
     print(f"samples:               {plot}")

@@ -16,6 +16,7 @@ from sonett.vision_data import (
     SHAPES_TRAIN_SEED,
     digits_examples,
     qa_records,
+    question_type,
     render_shapes_example,
     shapes_examples,
     to_chat,
@@ -145,6 +146,21 @@ def test_shapes_cover_the_answer_space(shapes_train):
     assert answers == set(SHAPES_ANSWERS)
     counts = np.bincount([len(e["shapes"]) for e in shapes_train], minlength=4)
     assert counts[0] == 0 and min(counts[1:]) > N_TRAIN // 5
+
+
+def test_every_question_has_its_type(shapes_train):
+    types = {}
+    for example in shapes_train[:50]:
+        for question, answer in example["questions"]:
+            types.setdefault(question_type(question), set()).add(answer)
+    assert types["count"] == {"one", "two", "three"}
+    assert types["colour of a kind"] == set(COLOURS)
+    assert types["shape at a cell"] == {"circle", "square", "triangle", "none"}
+    assert types["colour present"] == {"yes", "no"}
+    assert question_type("what digit is this?") == "digit"
+    assert question_type("describe the image.") == "caption"
+    with pytest.raises(ValueError, match="not a question of the embedded data"):
+        question_type("what is the capital of France?")
 
 
 def test_held_out_shapes_are_not_training_images(shapes_train, shapes_test):

@@ -159,6 +159,25 @@ def test_resampler_gives_a_fixed_number_of_visual_tokens():
     assert max_diff(tokens[:, :, 0], tokens[:, :, 1]) > 1e-4  # queries start different
 
 
+def test_the_convolutional_stem_sees_neighbouring_patches_and_keeps_the_pixel_scale():
+    """Xiao et al.'s stem: a pixel changes the features of the patches next to its own (a patchify stem changes only
+    its own), and fan-in initialisation keeps the stem's output at about the scale of its input."""
+    features = {}
+    for stem in ("patchify", "convolutional"):
+        _, model = multimodal(stem=stem)
+        images = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+        changed = images.clone()
+        changed[0, :, 3, 3] += 5.0  # bottom-right pixel of patch (0, 0)
+        with torch.no_grad():
+            before, after = (model.vision_model.patch_embedding(x).flatten(2)[0] for x in (images, changed))
+        features[stem] = ((after - before).abs().amax(0) > 1e-6).view(4, 4), before.std().item()
+    touched, _ = features["patchify"]
+    assert touched[0, 0] and touched.sum() == 1
+    touched, scale = features["convolutional"]
+    assert touched[0, 0] and touched[0, 1] and touched[1, 0] and touched[1, 1] and not touched[2:].any()
+    assert 0.2 < scale < 5.0, scale  # normal(0.02) init would leave it near 0.005
+
+
 REMOTE = NO_PACKAGE_PREAMBLE + textwrap.dedent(
     """
     import torch
@@ -176,8 +195,9 @@ REMOTE = NO_PACKAGE_PREAMBLE + textwrap.dedent(
 )
 
 
-def test_save_load_and_remote_code_give_identical_outputs(tmp_path):
-    _, model = multimodal()
+@pytest.mark.parametrize("stem", ["patchify", "convolutional"])
+def test_save_load_and_remote_code_give_identical_outputs(tmp_path, stem):
+    _, model = multimodal(stem=stem)
     with torch.no_grad():  # trained-looking LayerScale values must survive loading (not be re-initialised)
         for block in model.vision_model.layers:
             block.attn_scale.uniform_(0.3, 0.9)
@@ -230,6 +250,8 @@ def test_bad_image_inputs_are_refused_with_the_problem_named():
         ({"cross_attention_layers": [5], "vision_config": {}}, "layer indices in \\[0, 3\\)"),
         ({"cross_attention_layers": [1, 1], "vision_config": {}}, "repeated entries"),
         ({"vision_config": {"image_size": 30, "patch_size": 4}}, "multiple of patch_size"),
+        ({"vision_config": {"stem": "resnet"}}, "stem must be one of"),
+        ({"vision_config": {"stem": "convolutional", "image_size": 24, "patch_size": 6}}, "power of two"),
         ({"image_token_id": 500}, "outside the vocabulary"),
         (
             {

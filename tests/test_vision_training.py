@@ -53,6 +53,8 @@ def tiny_args(text_folder, output_dir, **overrides):
         "test_shapes": 4,
         "eval_questions": 8,
         "max_steps": 4,
+        "encoder_steps": 3,
+        "encoder_batch_size": 8,
         "batch_size": 8,
         "warmup_steps": 1,
         **overrides,
@@ -65,8 +67,12 @@ def test_recipe_writes_a_folder_that_reloads(text_folder, tmp_path, lora_rank):
     results = train_vision(tiny_args(text_folder, tmp_path / "out", text_lora_rank=lora_rank))
     assert 0.0 <= results["digits_accuracy"] <= 1.0 and results["digits_test_images"] > 300
     assert results["shapes_test_questions"] == 8 and len(results["samples"]) == 16
+    assert set(results["encoder_stage"]["held_out_accuracy"]) == {"digit", "kinds", "colours"}
     saved = json.loads((tmp_path / "out" / "vision_results.json").read_text())
     assert saved["digits_accuracy"] == results["digits_accuracy"]
+    card = (tmp_path / "out" / "README.md").read_text()  # a model card, so the folder can be pushed to the Hub
+    assert "digits accuracy" in card and "shapes accuracy" in card and "convolutional stem" in card
+    assert "handwritten digits" in card and "trust_remote_code=True" in card
 
     weights = load_file(tmp_path / "out" / "model.safetensors")
     assert not [name for name in weights if "lora" in name], "LoRA must be merged into plain weights"
@@ -83,6 +89,33 @@ def test_recipe_writes_a_folder_that_reloads(text_folder, tmp_path, lora_rank):
     accuracy, predictions = answer_accuracy(model, processor, digits_test)
     assert accuracy == results["digits_accuracy"]
     assert predictions[:8] == [sample["prediction"] for sample in results["samples"][:8]]
+
+
+def test_the_encoder_learning_rate_in_the_fusion_stage():
+    from torch import nn
+
+    from sonett.training import parameter_groups
+    from sonett.vision_training import encoder_learning_rate
+
+    model = nn.ModuleDict({"encoder": nn.Linear(4, 4), "text": nn.Linear(4, 4)})
+    groups = encoder_learning_rate(parameter_groups(model, 0.1), model["encoder"], 1e-4)
+    encoder_ids = {id(p) for p in model["encoder"].parameters()}
+    for group in groups:
+        mine = {id(p) in encoder_ids for p in group["params"]}
+        assert len(mine) == 1  # no group mixes encoder and other parameters
+        assert (group.get("lr") == 1e-4) == mine.pop()
+    assert sum(len(g["params"]) for g in groups) == 4
+
+    frozen = encoder_learning_rate(parameter_groups(model, 0.1), model["encoder"], 0.0)
+    assert {id(p) for g in frozen for p in g["params"]} == {id(p) for p in model["text"].parameters()}
+    assert not any(p.requires_grad for p in model["encoder"].parameters())
+
+
+def test_batch_shares_that_leave_no_shape_questions_are_refused():
+    with pytest.raises(ValueError, match="must stay below 1"):
+        VisionArguments(digit_share=0.5, caption_share=0.5)
+    with pytest.raises(ValueError, match=r"caption_share must be in \[0, 1\]"):
+        VisionArguments(caption_share=-0.1)
 
 
 def test_a_missing_text_model_is_a_clear_error(tmp_path):

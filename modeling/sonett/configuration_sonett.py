@@ -24,6 +24,9 @@ HIERARCHY_UPSAMPLINGS: tuple[str, ...] = ("repeat", "linear")
 HIERARCHY_KEYS: tuple[str, ...] = ("shorten_factor", "start_layer", "end_layer", "pooling", "upsampling")
 
 
+VISION_STEMS = ("patchify", "convolutional")
+
+
 @strict
 class SonettVisionConfig(PreTrainedConfig):
     r"""Configuration of Sonett's small ViT image encoder and of the projector into the text width.
@@ -31,6 +34,10 @@ class SonettVisionConfig(PreTrainedConfig):
     Args:
         image_size: Side of the square input image in pixels (the image processor resizes to it).
         patch_size: Side of one square patch; `image_size` must be a multiple of it.
+        stem: How pixels become patch tokens. `"patchify"` is ViT's single `patch_size`-strided convolution;
+            `"convolutional"` is the convolutional stem of Xiao et al. 2021 ("Early convolutions help transformers
+            see better"): log2(patch_size) 3x3 stride-2 convolutions with GELU, then a 1x1 convolution, which lets
+            every patch token see its neighbours' pixels (it needs a power-of-two `patch_size`).
         num_channels: Input channels (3, RGB).
         hidden_size: Width of the encoder.
         intermediate_size: Width of the encoder's GELU MLP.
@@ -47,6 +54,7 @@ class SonettVisionConfig(PreTrainedConfig):
 
     image_size: int = 32
     patch_size: int = 4
+    stem: str = "patchify"
     num_channels: int = 3
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -90,6 +98,13 @@ class SonettVisionConfig(PreTrainedConfig):
         if self.num_visual_tokens is not None and self.num_visual_tokens < 1:
             raise ValueError(
                 f"SonettVisionConfig.num_visual_tokens must be None or >= 1, got {self.num_visual_tokens}."
+            )
+        if self.stem not in VISION_STEMS:
+            raise ValueError(f"SonettVisionConfig.stem must be one of {VISION_STEMS}, got {self.stem!r}.")
+        if self.stem == "convolutional" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(
+                f"SonettVisionConfig.stem='convolutional' halves the resolution per convolution, so patch_size must "
+                f"be a power of two >= 2, got {self.patch_size}; use stem='patchify' for other patch sizes."
             )
 
 

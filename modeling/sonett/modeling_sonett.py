@@ -104,6 +104,8 @@ class SonettPreTrainedModel(PreTrainedModel):
             module.reset_sonett_parameters()
         if getattr(module, "sonett_zero_init", False):
             init.zeros_(module.weight)
+        if getattr(module, "sonett_fan_in_init", None):
+            init.kaiming_normal_(module.weight, nonlinearity=module.sonett_fan_in_init)
         if isinstance(module, SonettMultiModalProjector) and module.resampler_queries is not None:
             init.normal_(module.resampler_queries, std=self.config.initializer_range)
         if isinstance(module, SonettRotaryEmbedding):

@@ -53,6 +53,7 @@ SHAPES_TEST_SEED = 98765
 # Every answer a shapes question can have: counts, colours, kinds, "none", "yes", "no".
 SHAPES_ANSWERS: tuple[str, ...] = (*COUNT_WORDS[1 : MAX_SHAPES + 1], *COLOURS, *SHAPE_KINDS, "none", "yes", "no")
 DIGITS_QUESTION = "what digit is this?"
+CAPTION_QUESTION = "describe the image."
 
 
 class ShapeSpec(TypedDict):
@@ -98,6 +99,24 @@ def shapes_questions(shapes: list[ShapeSpec]) -> list[tuple[str, str]]:
     for colour in COLOURS:
         questions.append((f"is there a {colour} shape?", "yes" if colour in colours else "no"))
     return questions
+
+
+QUESTION_TYPES: dict[str, str] = {
+    "how many shapes?": "count",
+    "what colour is the": "colour of a kind",
+    "what shape is at the": "shape at a cell",
+    "is there a": "colour present",
+    DIGITS_QUESTION: "digit",
+    CAPTION_QUESTION: "caption",
+}
+
+
+def question_type(question: str) -> str:
+    """The kind of a question from `shapes_questions` or the digits question, e.g. "shape at a cell"."""
+    for prefix, name in QUESTION_TYPES.items():
+        if question.startswith(prefix):
+            return name
+    raise ValueError(f"not a question of the embedded data: {question!r}")
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], fill: tuple[int, ...]) -> None:
@@ -276,10 +295,12 @@ def qa_records(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 __all__ = [
+    "CAPTION_QUESTION",
     "CELL_NAMES",
     "COLOURS",
     "DIGITS_QUESTION",
     "DIGIT_NAMES",
+    "QUESTION_TYPES",
     "SHAPES_ANSWERS",
     "SHAPES_TEST_SEED",
     "SHAPES_TRAIN_SEED",
@@ -288,6 +309,7 @@ __all__ = [
     "digits_examples",
     "digits_split_indices",
     "qa_records",
+    "question_type",
     "render_shapes_example",
     "shapes_caption",
     "shapes_examples",

@@ -1,9 +1,10 @@
 """Sonett's image side: a small ViT encoder and the projector into the text model's width.
 
-The encoder cuts an image into patches, embeds them with learned row and column embeddings (2-D positions)
-and runs bidirectional pre-norm blocks. The projector maps patch features into the text width through a
-two-layer MLP and an RMSNorm; with `num_visual_tokens`, a resampler (learned queries attending to the patches,
-as Flamingo's Perceiver resampler) first reduces every image to a fixed number of tokens.
+The encoder cuts an image into patches (one strided convolution, or a convolutional stem), embeds them with
+learned row and column embeddings (2-D positions) and runs bidirectional pre-norm blocks. The projector maps
+patch features into the text width through a two-layer MLP and an RMSNorm; with `num_visual_tokens`, a resampler
+(learned queries attending to the patches, as Flamingo's Perceiver resampler) first reduces every image to a fixed
+number of tokens.
 """
 
 from __future__ import annotations
@@ -69,6 +70,35 @@ class SonettVisionBlock(nn.Module):
         return hidden_states + self.mlp_scale * self.down_proj(F.gelu(self.up_proj(self.layer_norm2(hidden_states))))
 
 
+class SonettConvolutionalStem(nn.Module):
+    """Pixels `(images, channels, H, W)` -> patch features `(images, hidden, H / patch, W / patch)` through
+    log2(patch) 3x3 stride-2 convolutions with GELU (channels doubling up to `hidden_size`) and a 1x1 convolution
+    (Xiao et al. 2021). The convolutions use fan-in (He) initialisation, so the features keep the pixels' scale."""
+
+    def __init__(self, config: SonettVisionConfig) -> None:
+        super().__init__()
+        steps = config.patch_size.bit_length() - 1
+        widths = [config.num_channels] + [max(config.hidden_size >> (steps - 1 - i), 8) for i in range(steps)]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(widths[i], widths[i + 1], kernel_size=3, stride=2, padding=1) for i in range(steps)
+        )
+        self.proj = nn.Conv2d(widths[-1], config.hidden_size, kernel_size=1)
+        for conv in self.convs:
+            conv.sonett_fan_in_init = "relu"
+        self.proj.sonett_fan_in_init = "linear"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first convolution's weight (its dtype is the stem's input dtype)."""
+        return self.convs[0].weight
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden_states = pixel_values
+        for conv in self.convs:
+            hidden_states = F.gelu(conv(hidden_states))
+        return self.proj(hidden_states)
+
+
 class SonettVisionModel(nn.Module):
     """ViT encoder: pixels `(images, channels, H, W)` -> patch features `(images, patches, vision hidden)`."""
 
@@ -76,9 +106,12 @@ class SonettVisionModel(nn.Module):
         super().__init__()
         self.config = config
         self.grid = config.image_size // config.patch_size
-        self.patch_embedding = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
-        )
+        if config.stem == "convolutional":
+            self.patch_embedding = SonettConvolutionalStem(config)
+        else:
+            self.patch_embedding = nn.Conv2d(
+                config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+            )
         self.row_embedding = nn.Embedding(self.grid, config.hidden_size)
         self.column_embedding = nn.Embedding(self.grid, config.hidden_size)
         self.layers = nn.ModuleList(SonettVisionBlock(config) for _ in range(config.num_hidden_layers))

@@ -28,19 +28,31 @@ from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
 from .hub import count_parameters
 from .image_processing_sonett import SonettImageProcessor
+from .model_card import render_model_card
 from .modeling_sonett import SonettForCausalLM, SonettForConditionalGeneration
 from .processing_sonett import SonettProcessor
 from .training import parameter_groups
 from .vision_data import (
+    CAPTION_QUESTION,
     SHAPES_TEST_SEED,
     SHAPES_TRAIN_SEED,
     digits_examples,
+    question_type,
     shapes_examples,
     to_chat,
 )
+from .vision_pretraining import EncoderPretrainingModel, annotation_accuracy, pretrain_encoder, stack_targets
 
 logger = logging.getLogger(__name__)
 
+VISION_TRAINING_DATA = (
+    "scikit-learn's bundled handwritten digits (train split) and procedurally generated shapes images with "
+    "question-answer pairs (`sonett.vision_data`), on top of the text model it was upgraded from"
+)
+VISION_INTENDED_USE = (
+    "A demonstration of Sonett's vision fusion on embedded toy data (digits, coloured shapes on a 2x2 grid); it has "
+    "not seen natural images and is not meant for them."
+)
 NEW_PARTS = ("vision_model.", "multi_modal_projector.", "model.cross_attention_blocks.")
 
 
@@ -53,26 +65,45 @@ class VisionArguments:
     cross_attention_layers: list[int] = field(default_factory=lambda: [1, 3, 5])
     image_size: int = 32
     patch_size: int = 4
+    stem: str = "convolutional"
     vision_hidden_size: int = 96
     vision_layers: int = 3
     vision_heads: int = 4
     num_visual_tokens: int | None = None
+    encoder_steps: int = 1000
+    encoder_learning_rate: float = 2e-3
+    encoder_batch_size: int = 64
     train_shapes: int = 3000
     test_shapes: int = 300
     max_steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 2e-3
+    fusion_encoder_lr_scale: float = 0.1
     gate_lr_multiplier: float = 10.0
     open_gates: float = 0.0
     weight_decay: float = 0.01
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
     text_lora_rank: int = 16
+    train_special_tokens: bool = True
     digit_shift: int = 2
+    digit_share: float = 0.25
+    caption_share: float = 0.25
     eval_questions: int = 600
     mixed_precision: str = "no"
     cpu: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        shares = {"digit_share": self.digit_share, "caption_share": self.caption_share}
+        for name, share in shares.items():
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"VisionArguments.{name} must be in [0, 1], got {share}.")
+        if self.digit_share + self.caption_share >= 1.0:
+            raise ValueError(
+                f"digit_share + caption_share is {self.digit_share + self.caption_share}; it must stay below 1 so "
+                "that each batch keeps shape questions. Lower one of them."
+            )
 
 
 def shifted(image: Image.Image, rng: random.Random, pixels: int) -> Image.Image:
@@ -170,12 +201,19 @@ def answer_accuracy(
     return correct / max(len(records), 1), predictions
 
 
-def add_text_lora(model: SonettForConditionalGeneration, rank: int):
-    """LoRA adapters on the language model's projections (PEFT); the new vision parts train in full."""
+def add_text_lora(model: SonettForConditionalGeneration, rank: int, trainable_token_ids: list[int] | None = None):
+    """LoRA adapters on the language model's projections (PEFT); the new vision parts train in full.
+
+    `trainable_token_ids` are embedding rows trained in full through PEFT's trainable tokens (tied to the output
+    layer): the chat template's special tokens, which a model pretrained on plain text has never seen. Frozen at
+    their initial values, `<|end|>` stays unlearnable and its constant loss and gradient crowd out the rest.
+    """
     from peft import LoraConfig, get_peft_model
 
     targets = r"model\.layers\.\d+\.(mixer|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    tokens = {"embed_tokens": list(trainable_token_ids)} if trainable_token_ids else None
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, trainable_token_indices=tokens)
+    model = get_peft_model(model, config)
     for name, param in model.named_parameters():
         if name.removeprefix("base_model.model.").startswith(NEW_PARTS):
             param.requires_grad = True
@@ -187,6 +225,75 @@ def build_processor(text_folder: str, args: VisionArguments) -> SonettProcessor:
     tokenizer.padding_side = "left"
     image_processor = SonettImageProcessor(size={"height": args.image_size, "width": args.image_size})
     return SonettProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+SPLITS = ("train", "test")
+
+
+def vision_encoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The ViT encoder of a SonettForConditionalGeneration, with or without a PEFT wrapper."""
+    return model.get_base_model().vision_model if hasattr(model, "get_base_model") else model.vision_model
+
+
+def encoder_learning_rate(groups: list[dict], encoder: torch.nn.Module, learning_rate: float) -> list[dict]:
+    """`groups` with the encoder's parameters moved into groups of their own at `learning_rate`; with 0 the
+    encoder is frozen instead (its parameters stop requiring gradients and leave the optimizer)."""
+    encoder_ids = {id(p) for p in encoder.parameters()}
+    if learning_rate == 0:
+        encoder.requires_grad_(False)
+    split = []
+    for group in groups:
+        rest = [p for p in group["params"] if id(p) not in encoder_ids]
+        mine = [p for p in group["params"] if id(p) in encoder_ids]
+        if rest:
+            split.append({**group, "params": rest})
+        if mine and learning_rate > 0:
+            split.append({**group, "params": mine, "lr": learning_rate})
+    return split
+
+
+def encoder_stage(
+    accelerator: Accelerator,
+    encoder: torch.nn.Module,
+    processor: SonettProcessor,
+    digit_images: dict[str, list[dict]],
+    shape_images: dict[str, list[dict]],
+    args: VisionArguments,
+) -> dict:
+    """Stage 1: pretrain `encoder` in place on the images' annotations (`vision_pretraining`); returns the head's
+    held-out accuracies and the final loss."""
+    rng = random.Random(args.seed + 2)
+    pretraining = EncoderPretrainingModel(encoder)
+    optimizer = torch.optim.AdamW(pretraining.parameters(), lr=args.encoder_learning_rate, weight_decay=0.01)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.encoder_steps)
+    prepared, optimizer, scheduler = accelerator.prepare(pretraining, optimizer, scheduler)
+
+    def pixels(images: list[Image.Image]) -> torch.Tensor:
+        return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+    def sample_batch(rng: random.Random) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        half = args.encoder_batch_size // 2
+        examples = [
+            dict(e, image=shifted(e["image"], rng, args.digit_shift)) for e in rng.sample(digit_images["train"], half)
+        ]
+        examples += rng.sample(shape_images["train"], args.encoder_batch_size - half)
+        return pixels([e["image"] for e in examples]), stack_targets(examples)
+
+    history = pretrain_encoder(
+        prepared,
+        optimizer,
+        scheduler,
+        sample_batch,
+        args.encoder_steps,
+        rng,
+        backward=accelerator.backward,
+        clip=lambda: accelerator.clip_grad_norm_(prepared.parameters(), args.max_grad_norm),
+        device=accelerator.device,
+    )
+    held_out = digit_images["test"] + shape_images["test"]
+    accuracy = annotation_accuracy(pretraining, pixels([e["image"] for e in held_out]), stack_targets(held_out))
+    logger.info("encoder stage: held-out annotation accuracy %s", accuracy)
+    return {"held_out_accuracy": accuracy, "final_loss": float(np.mean(history[-20:])), "steps": args.encoder_steps}
 
 
 def train_vision(args: VisionArguments) -> dict:
@@ -210,6 +317,7 @@ def train_vision(args: VisionArguments) -> dict:
         vision_config={
             "image_size": args.image_size,
             "patch_size": args.patch_size,
+            "stem": args.stem,
             "hidden_size": args.vision_hidden_size,
             "intermediate_size": 2 * args.vision_hidden_size,
             "num_hidden_layers": args.vision_layers,
@@ -218,6 +326,15 @@ def train_vision(args: VisionArguments) -> dict:
         },
         image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
     )
+    digit_images = {split: digits_examples(split, seed=args.seed, image_size=args.image_size) for split in SPLITS}
+    shape_images = {
+        "train": shapes_examples(args.train_shapes, SHAPES_TRAIN_SEED, args.image_size),
+        "test": shapes_examples(args.test_shapes, SHAPES_TEST_SEED, args.image_size),
+    }
+    encoder_results = {}
+    if args.encoder_steps:
+        encoder_results = encoder_stage(accelerator, model.vision_model, processor, digit_images, shape_images, args)
+
     if args.open_gates:
         # Start the tanh gates at this value instead of 0: a randomly initialised encoder then gets a usable
         # signal from the first step (the text model's behaviour is not kept at step 0; it is being fine-tuned).
@@ -226,22 +343,31 @@ def train_vision(args: VisionArguments) -> dict:
                 block.attn_gate.fill_(math.atanh(args.open_gates))
                 block.mlp_gate.fill_(math.atanh(args.open_gates))
     if args.text_lora_rank:
-        model = add_text_lora(model, args.text_lora_rank)
+        special = sorted(tokenizer.added_tokens_decoder) if args.train_special_tokens else None
+        model = add_text_lora(model, args.text_lora_rank, special)
     else:
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith(NEW_PARTS)
-    trainable = count_parameters(model)
-    total = sum(p.numel() for p in model.parameters())
-    logger.info("trainable %s of %s parameters", f"{trainable:,}", f"{total:,}")
 
-    digits_train = question_records(digits_examples("train", seed=args.seed, image_size=args.image_size), "digits")
-    digits_test = question_records(digits_examples("test", seed=args.seed, image_size=args.image_size), "digits")
-    shapes_train = question_records(shapes_examples(args.train_shapes, SHAPES_TRAIN_SEED, args.image_size), "shapes")
-    shapes_test = question_records(shapes_examples(args.test_shapes, SHAPES_TEST_SEED, args.image_size), "shapes")
+    digits_train = question_records(digit_images["train"], "digits")
+    digits_test = question_records(digit_images["test"], "digits")
+    shapes_train = question_records(shape_images["train"], "shapes")
+    shapes_test = question_records(shape_images["test"], "shapes")
+    captions_train = [
+        {"image": e["image"], "question": CAPTION_QUESTION, "answer": e["caption"], "task": "captions"}
+        for e in shape_images["train"]
+    ]
     eval_rng = random.Random(args.seed + 1)
     shapes_eval = eval_rng.sample(shapes_test, min(args.eval_questions, len(shapes_test)))
 
-    groups = parameter_groups(model, args.weight_decay, gate_lr=args.learning_rate * args.gate_lr_multiplier)
+    groups = encoder_learning_rate(
+        parameter_groups(model, args.weight_decay, gate_lr=args.learning_rate * args.gate_lr_multiplier),
+        vision_encoder(model),
+        args.learning_rate * args.fusion_encoder_lr_scale,
+    )
+    trainable = count_parameters(model)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("trainable %s of %s parameters", f"{trainable:,}", f"{total:,}")
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95))
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -251,10 +377,13 @@ def train_vision(args: VisionArguments) -> dict:
     history = []
     progress = tqdm(total=args.max_steps, desc="vision", disable=not accelerator.is_local_main_process)
     for _ in range(args.max_steps):
-        # Half digits (shifted a little), half shape questions.
-        half = args.batch_size // 2
-        records = [dict(r, image=shifted(r["image"], rng, args.digit_shift)) for r in rng.sample(digits_train, half)]
-        records += rng.sample(shapes_train, args.batch_size - half)
+        # Digits (shifted a little), shapes captions, and shape questions for the rest of the batch.
+        n_digits, n_captions = round(args.batch_size * args.digit_share), round(args.batch_size * args.caption_share)
+        records = [
+            dict(r, image=shifted(r["image"], rng, args.digit_shift)) for r in rng.sample(digits_train, n_digits)
+        ]
+        records += rng.sample(captions_train, n_captions)
+        records += rng.sample(shapes_train, args.batch_size - n_digits - n_captions)
         batch = {
             k: v.to(accelerator.device)
             for k, v in training_batch(records, encoder, processor, tokenizer.pad_token_id).items()
@@ -275,12 +404,17 @@ def train_vision(args: VisionArguments) -> dict:
         unwrapped = unwrapped.merge_and_unload()  # a plain SonettForConditionalGeneration folder
     digits_accuracy, digit_predictions = answer_accuracy(unwrapped, processor, digits_test)
     shapes_accuracy, shape_predictions = answer_accuracy(unwrapped, processor, shapes_eval)
+    by_type: dict[str, list[bool]] = {}
+    for record, prediction in zip(shapes_eval, shape_predictions):
+        by_type.setdefault(question_type(record["question"]), []).append(prediction == record["answer"])
     results = {
         "digits_accuracy": digits_accuracy,
         "digits_test_images": len(digits_test),
         "shapes_accuracy": shapes_accuracy,
         "shapes_test_questions": len(shapes_eval),
+        "shapes_accuracy_by_type": {name: sum(hits) / len(hits) for name, hits in sorted(by_type.items())},
         "steps": args.max_steps,
+        "encoder_stage": encoder_results,
         "trainable_parameters": trainable,
         "parameters": total,
         "final_train_loss": float(np.mean(history[-20:])),
@@ -297,6 +431,17 @@ def train_vision(args: VisionArguments) -> dict:
         unwrapped.save_pretrained(output)
         processor.save_pretrained(output)
         (output / "vision_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        card_facts = {
+            **{k: v for k, v in results.items() if k not in ("arguments", "gates", "encoder_stage")},
+            "training_data": VISION_TRAINING_DATA,
+            "learning_rate": args.learning_rate,
+            "precision": args.mixed_precision,
+            "hardware": str(accelerator.device),
+            "train_runtime": f"{results['wall_time_s']} s",
+            "intended_use": VISION_INTENDED_USE,
+        }
+        card = render_model_card(unwrapped.config, total, card_facts, output.name)
+        (output / "README.md").write_text(card, encoding="utf-8")
         samples = [
             {"image": r["image"], "question": r["question"], "answer": r["answer"], "prediction": p}
             for r, p in list(zip(digits_test, digit_predictions))[:8] + list(zip(shapes_eval, shape_predictions))[:8]
