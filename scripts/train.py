@@ -2,10 +2,13 @@
 """Pretrain a Sonett preset with Accelerate, write a Hub-ready folder, reload it and generate a sample.
 
 With no flags this is `make demo`: the tiny preset on the Python standard library's own source.
-Every field of `sonett.training.PretrainArguments` is a flag, e.g.
+Every field of `sonett.training.PretrainArguments` is a flag (`--help` lists them), e.g.
 
     python scripts/train.py --config sonett-small --data_files corpus.jsonl --max_steps 20000
-    accelerate launch --config_file configuration/accelerate/... scripts/train.py --config sonett-small
+    python scripts/train.py --data_files big/*.jsonl --streaming --checkpointing_steps 1000 --checkpoints_total_limit 3
+    python scripts/train.py ... --resume_from_checkpoint latest          # continues the same data order
+    accelerate launch --config_file configuration/accelerate/multi_gpu.yaml scripts/train.py --config sonett-small
+    accelerate launch --config_file configuration/accelerate/cpu_two_processes.yaml scripts/train.py --cpu
 
 `vision` as the first argument runs the vision recipe instead (`sonett.vision_training.VisionArguments`): it
 teaches a trained text model (default `runs/sonett-tiny`, from `make demo`) to name digits and answer questions
@@ -24,7 +27,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from sonett.training import PretrainArguments, pretrain
+from sonett.training import CHECKPOINTS_DIR, PretrainArguments, list_checkpoints, pretrain
 
 SAMPLE_PROMPT = "def read_config(path):\n    "
 
@@ -105,11 +108,16 @@ def main() -> None:
     sample = generate_sample(args.output_dir)
     print(f"\nparameters:            {results['parameters']:,}")
     print(f"steps x tokens:        {results['steps']} x {results['batch_tokens']} = {results['tokens_seen']:,}")
-    print(f"training throughput:   {results['train_tokens_per_second']:,.0f} tokens/s")
+    if "resumed_from" in results:
+        print(f"resumed from:          {results['resumed_from']}")
+    print(f"training throughput:   {results['train_tokens_per_second']:,.0f} tokens/s ({results['hardware']})")
     print(f"validation loss:       {results['validation_loss']:.4f}")
     print(f"validation perplexity: {results['validation_perplexity']:.2f} ({results['validation_tokens']:,} tokens)")
     print(f"wall time:             {time.perf_counter() - started:.0f} s")
     print(f"model folder:          {args.output_dir}")
+    checkpoints = list_checkpoints(os.path.join(args.output_dir, CHECKPOINTS_DIR))
+    if checkpoints:
+        print(f"checkpoints:           {', '.join(p.name for p in checkpoints)} in {checkpoints[0].parent}")
     print("\nsample (reloaded with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)):")
     print(sample)
 

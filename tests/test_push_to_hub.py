@@ -283,6 +283,17 @@ def test_token_never_appears_in_any_output(pushed):
         assert TOKEN[3:] not in pushed[name], name
 
 
+def test_training_checkpoints_and_logs_stay_local(models, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(models["v1"]["folder"], folder)
+    (folder / "checkpoints" / "step_10.partial").mkdir(parents=True)
+    (folder / "checkpoints" / "step_10.partial" / "optimizer.bin").write_bytes(b"state")
+    (folder / "logs").mkdir()
+    (folder / "logs" / "events.out").write_bytes(b"log")
+    uploaded = {f.path_in_repo for f in validate_model_folder(folder)}  # the unfinished checkpoint is not refused
+    assert uploaded == {f.path_in_repo for f in list_upload_files(models["v1"]["folder"])}
+
+
 def test_dry_run_lists_the_files_and_sends_nothing(models, tmp_path):
     folder = models["v1"]["folder"]
     with HubServer() as hub:

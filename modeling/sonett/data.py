@@ -1,22 +1,32 @@
 """Corpora for Sonett pretraining, as `datasets` pipelines.
 
 The embedded default is the Python standard library's own source (code and docstrings), read from the
-running interpreter, so nothing is downloaded. Local text/jsonl/parquet files or a Hub dataset name work too.
+running interpreter, so nothing is downloaded. Local text/jsonl/parquet files or a Hub dataset name work too,
+loaded whole (`Dataset`) or streamed (`IterableDataset`, for corpora larger than memory). Both kinds go
+through the same split and packing code, so a streamed corpus gives exactly the blocks of the loaded one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, load_dataset
+import torch
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+from torch.utils.data import Sampler
 from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
 _FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_LINE_FILES = {".txt", ".text", ".jsonl", ".json"}
+PACK_GROUP_DOCUMENTS = 1000  # documents packed together; each group drops its tail shorter than one block
+
+Corpus = Dataset | IterableDataset
 
 
 def stdlib_corpus(max_documents: int | None = None) -> Dataset:
@@ -45,66 +55,139 @@ def stdlib_corpus(max_documents: int | None = None) -> Dataset:
     return Dataset.from_dict({"text": texts, "path": names})
 
 
+def check_data_files(data_files: list[str]) -> str:
+    """Check local corpus files before `datasets` reads them; returns the `datasets` builder for them.
+
+    Raises, naming the file (and line): a missing or empty file, an unsupported or mixed suffix, a line of a text
+    or JSON file that is not UTF-8, a `.jsonl` line that is not a JSON object. Reads line by line (constant memory).
+    """
+    suffixes = {Path(f).suffix.lower() for f in data_files}
+    builders = {_FILE_BUILDERS.get(s) for s in suffixes}
+    if None in builders or len(builders) != 1:
+        raise ValueError(
+            f"Unsupported or mixed data files {sorted(suffixes)}; use one of {sorted(_FILE_BUILDERS)} for all."
+        )
+    missing = [f for f in data_files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"Data files not found: {missing}; check the --data_files paths.")
+    for name in data_files:
+        path = Path(name)
+        if path.stat().st_size == 0:
+            raise ValueError(f"Data file {name} is empty; give a file with at least one document.")
+        if path.suffix.lower() in _LINE_FILES:
+            _check_lines(path)
+    return builders.pop()
+
+
+def _check_lines(path: Path) -> None:
+    is_jsonl = path.suffix.lower() == ".jsonl"
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path} line {number} is not valid UTF-8 (byte {raw[error.start]:#04x} at column "
+                    f"{error.start + 1}); re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`."
+                ) from None
+            if is_jsonl and line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path} line {number} is not valid JSON: {error.msg}.") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path} line {number} is not a JSON object; write one object per line.")
+
+
+def _columns(dataset: Corpus) -> list[str]:
+    """The column names; a stream whose schema is not known yet is read up to its first row."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset), None)
+    return [] if first is None else list(first)
+
+
 def load_corpus(
-    data_files: list[str] | None = None, dataset_name: str | None = None, text_column: str = "text"
-) -> Dataset:
+    data_files: list[str] | None = None,
+    dataset_name: str | None = None,
+    text_column: str = "text",
+    streaming: bool = False,
+) -> Corpus:
     """Load the training corpus: local files, a Hub dataset (online only), or the embedded stdlib default.
 
     Args:
-        data_files: local `.txt`/`.jsonl`/`.json`/`.parquet` files, all of one format.
+        data_files: local `.txt`/`.jsonl`/`.json`/`.parquet` files, all of one format (checked first, see
+            `check_data_files`).
         dataset_name: a Hub dataset name; its `train` split is used.
         text_column: the column that holds the documents.
+        streaming: return an `IterableDataset` that reads the files lazily instead of a `Dataset`.
 
     Returns:
-        A Dataset whose `text_column` holds non-empty strings.
+        A Dataset (or IterableDataset) whose `text_column` holds non-empty strings.
     """
     if data_files:
-        suffixes = {Path(f).suffix.lower() for f in data_files}
-        builders = {_FILE_BUILDERS.get(s) for s in suffixes}
-        if None in builders or len(builders) != 1:
-            raise ValueError(
-                f"Unsupported or mixed data files {sorted(suffixes)}; use one of {sorted(_FILE_BUILDERS)} for all."
-            )
-        missing = [f for f in data_files if not Path(f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"Data files not found: {missing}")
-        dataset = load_dataset(builders.pop(), data_files={"train": list(data_files)}, split="train")
+        builder = check_data_files(list(data_files))
+        dataset = load_dataset(builder, data_files={"train": list(data_files)}, split="train", streaming=streaming)
     elif dataset_name:
-        dataset = load_dataset(dataset_name, split="train")
+        try:
+            dataset = load_dataset(dataset_name, split="train", streaming=streaming)
+        except ConnectionError as error:
+            raise ConnectionError(
+                f"Could not reach the Hub dataset {dataset_name!r} ({error}); go online (unset HF_HUB_OFFLINE and "
+                "HF_DATASETS_OFFLINE) or give local --data_files."
+            ) from error
     else:
-        return stdlib_corpus()
-    if text_column not in dataset.column_names:
+        corpus = stdlib_corpus()
+        return corpus.to_iterable_dataset() if streaming else corpus
+    columns = _columns(dataset)
+    if text_column not in columns:
         raise ValueError(
-            f"The corpus has no column {text_column!r} (columns: {dataset.column_names}); "
-            "pass --text_column with the right name."
+            f"The corpus has no column {text_column!r} (columns: {columns}); pass --text_column with the right name."
         )
     dataset = dataset.filter(lambda row: isinstance(row[text_column], str) and row[text_column].strip() != "")
-    if len(dataset) == 0:
+    empty = len(dataset) == 0 if isinstance(dataset, Dataset) else next(iter(dataset), None) is None
+    if empty:
         raise ValueError(f"The corpus has no non-empty documents in column {text_column!r}.")
     return dataset
 
 
+def first_documents(dataset: Corpus, count: int | None) -> Corpus:
+    """The first `count` documents (all when None)."""
+    if count is None:
+        return dataset
+    if isinstance(dataset, Dataset):
+        return dataset.select(range(min(count, len(dataset))))
+    return dataset.take(count)
+
+
+def _bucket(value: str) -> float:
+    """A stable number in [0, 1] from a document's key."""
+    return int(hashlib.sha256(value.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def split_by_document(
-    dataset: Dataset, validation_fraction: float = 0.02, key: str | None = None, text_column: str = "text"
-) -> DatasetDict:
+    dataset: Corpus, validation_fraction: float = 0.02, key: str | None = None, text_column: str = "text"
+) -> DatasetDict | IterableDatasetDict:
     """Hold out whole documents for validation, chosen by a hash so the split never depends on order.
 
     Args:
-        dataset: the corpus.
-        validation_fraction: share of documents held out (at least one document goes each way).
+        dataset: the corpus, loaded or streamed. A stream is split by two lazy filters on the same hash, so it
+            holds out exactly the documents the loaded corpus holds out.
+        validation_fraction: share of documents held out (a loaded corpus sends at least one document each way).
         key: the column hashed to choose (e.g. `path`); the text itself when None or absent.
         text_column: the column that holds the documents.
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction}.")
+    column = key if key in _columns(dataset) else text_column
+    if isinstance(dataset, IterableDataset):
+        return IterableDatasetDict(
+            train=dataset.filter(lambda row: _bucket(row[column]) >= validation_fraction),
+            validation=dataset.filter(lambda row: _bucket(row[column]) < validation_fraction),
+        )
     if len(dataset) < 2:
         raise ValueError("The corpus needs at least two documents to hold one out for validation.")
-    column = key if key in dataset.column_names else text_column
-
-    def bucket(value: str) -> float:
-        return int(hashlib.sha256(value.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
-
-    held_out = [bucket(value) < validation_fraction for value in dataset[column]]
+    held_out = [_bucket(value) < validation_fraction for value in dataset[column]]
     if all(held_out) or not any(held_out):
         held_out = [i == len(dataset) - 1 for i in range(len(dataset))]
     train_idx = [i for i, h in enumerate(held_out) if not h]
@@ -113,12 +196,13 @@ def split_by_document(
 
 
 def pack_into_blocks(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int, text_column: str = "text"
-) -> Dataset:
+    dataset: Corpus, tokenizer: PreTrainedTokenizerBase, block_size: int, text_column: str = "text"
+) -> Corpus:
     """Tokenize every document, end each with EOS, concatenate and cut into blocks of `block_size` tokens.
 
-    Each group of 1000 documents drops its tail shorter than one block (logged).
-    Returns a Dataset with one column `input_ids`.
+    Each group of `PACK_GROUP_DOCUMENTS` consecutive documents drops its tail shorter than one block. A stream is
+    packed lazily, on the fly, into the same blocks in the same order.
+    Returns a Dataset (or IterableDataset) with one column `input_ids`, rows of `block_size` token ids.
     """
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2, got {block_size}.")
@@ -134,9 +218,13 @@ def pack_into_blocks(
         usable = len(flat) - len(flat) % block_size
         return {"input_ids": [flat[i : i + block_size] for i in range(0, usable, block_size)]}
 
-    tokens = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenize")
+    columns = _columns(dataset)
+    if isinstance(dataset, IterableDataset):
+        tokens = dataset.map(tokenize, batched=True, remove_columns=columns)
+        return tokens.map(group, batched=True, batch_size=PACK_GROUP_DOCUMENTS)
+    tokens = dataset.map(tokenize, batched=True, remove_columns=columns, desc="tokenize")
     total = sum(len(ids) for ids in tokens["input_ids"])
-    blocks = tokens.map(group, batched=True, batch_size=1000, desc="pack")
+    blocks = tokens.map(group, batched=True, batch_size=PACK_GROUP_DOCUMENTS, desc="pack")
     if len(blocks) == 0:
         raise ValueError(
             f"The corpus has only {total} tokens, fewer than one block of {block_size}; lower --block_size or add data."
@@ -151,4 +239,58 @@ def pack_into_blocks(
     return blocks
 
 
-__all__ = ["load_corpus", "pack_into_blocks", "split_by_document", "stdlib_corpus"]
+def take_blocks(blocks: Corpus, count: int) -> Dataset:
+    """The first `count` blocks in memory (a stream is read only that far). Raises if there are none."""
+    if isinstance(blocks, Dataset):
+        taken = blocks.select(range(min(count, len(blocks))))
+    else:
+        taken = Dataset.from_list(list(blocks.take(count)))
+    if len(taken) == 0:
+        raise ValueError(
+            "The held-out documents make no complete block; raise --validation_fraction, lower --block_size, "
+            "or add data."
+        )
+    return taken
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh random order of `num_samples` indices each epoch, a pure function of (seed, epoch).
+
+    Epoch e is the order `DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))` gives in its
+    epoch e (per epoch that loader draws a worker seed, its permutation, and one more permutation that
+    `RandomSampler` computes and discards at the end), so switching to this sampler keeps earlier runs' data order.
+    Unlike that loader it can jump to any epoch: a resumed run sets the epoch and sees exactly the order the
+    interrupted run saw. Every process computes the same order.
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch):  # replay the draws of the earlier epochs
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            torch.randperm(self.num_samples, generator=generator)
+            torch.randperm(self.num_samples, generator=generator)
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the worker seed that loader draws first
+        yield from torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+__all__ = [
+    "EpochShuffleSampler",
+    "check_data_files",
+    "first_documents",
+    "load_corpus",
+    "pack_into_blocks",
+    "split_by_document",
+    "stdlib_corpus",
+    "take_blocks",
+]

@@ -28,7 +28,8 @@ CARD_FILE = "README.md"
 CODE_CONFIG_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
 # Suffixes of files that a writer has not finished (Sonett's own atomic writes use `.partial`).
 IN_PROGRESS_SUFFIXES = (".partial", ".tmp", ".incomplete")
-IGNORED_DIRS = frozenset({".git", ".cache", "__pycache__"})
+# Local-only state of a training run (optimizer checkpoints, tracker logs) stays out of the upload.
+IGNORED_DIRS = frozenset({".git", ".cache", "__pycache__", "checkpoints", "logs"})
 IGNORED_SUFFIXES = (".pyc",)
 # The first argument of `.from_pretrained("...")` in the card's usage example (training writes its local path there).
 FROM_PRETRAINED_ARGUMENT = re.compile(r'(\.from_pretrained\(\s*)"[^"\n]*"')
@@ -88,7 +89,8 @@ def format_size(num_bytes: int) -> str:
 
 
 def list_upload_files(folder: str | Path) -> list[UploadFile]:
-    """Every file under `folder`, sorted, except `.git/`, `.cache/`, `__pycache__/` and `*.pyc`."""
+    """Every file under `folder`, sorted, except `.git/`, `.cache/`, `__pycache__/`, a training run's
+    `checkpoints/` and `logs/`, and `*.pyc`."""
     folder = Path(folder)
     files = []
     for path in sorted(folder.rglob("*")):
