@@ -199,7 +199,7 @@ def test_bad_data_files(model_folder, tmp_path):
     with pytest.raises(ValueError, match="fewer than one block of 16"):
         run(model_folder, data_files=[str(rows)], text_column="body")
 
-    with pytest.raises(FileNotFoundError, match="Data file not found"):
+    with pytest.raises(FileNotFoundError, match="Data files not found"):
         run(model_folder, data_files=[str(tmp_path / "absent.txt")])
 
 

@@ -91,6 +91,20 @@ def test_recipe_writes_a_folder_that_reloads(text_folder, tmp_path, lora_rank):
     assert predictions[:8] == [sample["prediction"] for sample in results["samples"][:8]]
 
 
+def test_a_frozen_encoder_stays_as_stage_one_left_it(text_folder, tmp_path):
+    """With `fusion_encoder_lr_scale=0` the fusion steps leave the encoder alone: a run of 1 and a run of 4 fusion
+    steps (same seed, same stage 1) save the same encoder weights, while their cross-attention differs."""
+    saved = {}
+    for steps in (1, 4):
+        out = tmp_path / f"steps{steps}"
+        train_vision(tiny_args(text_folder, out, max_steps=steps, fusion_encoder_lr_scale=0.0, text_lora_rank=0))
+        saved[steps] = load_file(out / "model.safetensors")
+    encoder = [name for name in saved[1] if name.startswith("vision_model.")]
+    assert encoder and all(torch.equal(saved[1][name], saved[4][name]) for name in encoder)
+    cross = "model.cross_attention_blocks.0.cross_attn.q_proj.weight"
+    assert not torch.equal(saved[1][cross], saved[4][cross])
+
+
 def test_the_encoder_learning_rate_in_the_fusion_stage():
     from torch import nn
 

@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 SPLITS = ("validation", "train", "all")
-_TEXT_SUFFIXES = {".txt", ".text", ".jsonl", ".json"}
 
 
 @dataclass
@@ -65,27 +64,6 @@ def load_metric(name: str, **kwargs) -> evaluate.EvaluationModule:
     return evaluate.load(metric_path(name), **kwargs)
 
 
-def check_data_files(data_files: list[str]) -> None:
-    """Fail early, naming file and line, on missing or empty files and on text that is not valid UTF-8."""
-    for name in data_files:
-        path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"Data file not found: {name}")
-        if path.stat().st_size == 0:
-            raise ValueError(f"Data file {name} is empty; give a file with at least one document.")
-        if path.suffix.lower() not in _TEXT_SUFFIXES:
-            continue
-        with path.open("rb") as handle:
-            for number, line in enumerate(handle, start=1):
-                try:
-                    line.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    raise ValueError(
-                        f"{name} line {number} is not valid UTF-8 (byte {line[error.start]:#04x} at column "
-                        f"{error.start + 1}); re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`."
-                    ) from None
-
-
 def load_model(folder: str, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The causal LM and tokenizer saved in `folder` (remote code allowed), in eval mode on `device`."""
     path = Path(folder)
@@ -113,9 +91,9 @@ def load_evaluation_text(args: EvaluationArguments) -> tuple[Dataset, str, str]:
     split = args.split or ("validation" if embedded else "all")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
-    if args.data_files:
-        check_data_files(args.data_files)
-    corpus = load_corpus(args.data_files or None, args.dataset_name, args.text_column)
+    corpus = load_corpus(  # checks the files first (sonett.data.check_data_files)
+        args.data_files or None, args.dataset_name, args.text_column
+    )
     if args.text_column not in corpus.column_names:
         raise ValueError(
             f"The corpus has no column {args.text_column!r} (columns: {corpus.column_names}); "
@@ -222,7 +200,6 @@ def evaluate_causal_lm(args: EvaluationArguments) -> dict:
 __all__ = [
     "BlockScores",
     "EvaluationArguments",
-    "check_data_files",
     "evaluate_causal_lm",
     "load_evaluation_text",
     "load_metric",
