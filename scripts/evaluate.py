@@ -1,11 +1,16 @@
 #!/usr/bin/env python
-"""Evaluate a causal LM folder: perplexity (and optionally next-token accuracy) on a text corpus, with plots.
+"""Evaluate a causal LM folder: perplexity (and optionally next-token accuracy) on a text corpus, with plots; or
+the synthetic recall tasks with `--task mqar` (the Zoology MQAR grid) and `--task passkey` (retrieval by context
+length and depth). Every task runs on any AutoModelForCausalLM folder, a transformers Llama included.
 
 With no data flags it scores the held-out split of the embedded standard-library corpus that pretraining used
 (same `--validation_fraction` and `--max_documents` as the run), so it reproduces the run's validation loss:
 
     python scripts/evaluate.py --model runs/sonett-tiny --token_accuracy true
     python scripts/evaluate.py --model runs/sonett-tiny --data_files test.jsonl --text_column body --block_size 512
+
+    python scripts/evaluate.py --model runs/compare-mqar/hybrid --task mqar
+    python scripts/evaluate.py --model runs/compare-passkey/sonett --task passkey --passkey_lengths 1024 4096
 
 Every field of `sonett.evaluation.EvaluationArguments` is a flag. Writes `<output_dir>/results.json`,
 `loss_by_position.png` (mean loss at each position of a block) and `block_perplexity.png` (histogram of
@@ -27,7 +32,12 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _S
 
 from transformers import HfArgumentParser  # noqa: E402
 
-from sonett.evaluation import EvaluationArguments, evaluate_causal_lm  # noqa: E402
+from sonett.evaluation import (  # noqa: E402
+    EvaluationArguments,
+    evaluate_causal_lm,
+    evaluate_mqar,
+    evaluate_passkey,
+)
 
 LOSS_PLOT = "loss_by_position.png"
 HISTOGRAM_PLOT = "block_perplexity.png"
@@ -100,6 +110,20 @@ def print_table(results: dict, output_dir: Path) -> None:
         print(f"{name + ':':{width}}{value}")
 
 
+def print_task_table(results: dict, output_dir: Path) -> None:
+    """The accuracy table of an mqar or passkey evaluation."""
+    print(f"model: {results['model']}   task: {results['task']}")
+    if results["task"] == "mqar":
+        for cell, accuracy in results["accuracy"].items():
+            print(f"  (length, pairs) = ({cell}):  {accuracy:.4f}")
+    else:
+        for length, accuracy in results["mean_accuracy"].items():
+            by_depth = " ".join(f"{value:.1f}" for value in results["accuracy"][length].values())
+            print(f"  {int(length):>6d} tokens: mean {accuracy:.3f}   by depth 0..100%: {by_depth}")
+    print(f"wall time: {results['runtime_seconds']:.1f} s on {results['device']}")
+    print(f"results: {output_dir / 'results.json'}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("datasets", "transformers", "evaluate"):
@@ -110,11 +134,17 @@ def main() -> None:
     if importlib.util.find_spec("matplotlib") is None:
         sys.exit("error: the plots need matplotlib; install it with `pip install matplotlib` (or `sonett[dev]`).")
     output_dir = Path(extra.output_dir or f"{str(args.model).rstrip('/')}-eval")
+    task = {"lm": evaluate_causal_lm, "mqar": evaluate_mqar, "passkey": evaluate_passkey}[args.task]
     try:
-        results = evaluate_causal_lm(args)
+        results = task(args)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     output_dir.mkdir(parents=True, exist_ok=True)
+    if args.task != "lm":
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print()
+        print_task_table(results, output_dir)
+        return
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_position_loss(results, output_dir / LOSS_PLOT)
     plot_block_perplexity(results, output_dir / HISTOGRAM_PLOT)

@@ -7,6 +7,7 @@ Every field of `sonett.training.PretrainArguments` is a flag (`--help` lists the
     python scripts/train.py --config sonett-small --data_files corpus.jsonl --max_steps 20000
     python scripts/train.py --data_files big/*.jsonl --streaming --checkpointing_steps 1000 --checkpoints_total_limit 3
     python scripts/train.py ... --resume_from_checkpoint latest          # continues the same data order
+    python scripts/train.py ... --nan_policy stop                        # raise at a NaN/inf step (default: skip it)
     accelerate launch --config_file configuration/accelerate/multi_gpu.yaml scripts/train.py --config sonett-small
     accelerate launch --config_file configuration/accelerate/cpu_two_processes.yaml scripts/train.py --cpu
 
@@ -15,6 +16,9 @@ teaches a trained text model (default `runs/sonett-tiny`, from `make demo`) to n
 about shapes, and writes a multimodal folder and a picture grid of held-out predictions:
 
     python scripts/train.py vision --text_model runs/sonett-tiny --plot docs/vision-samples.png
+
+Ctrl-C (SIGINT) or SIGTERM during training saves a checkpoint of the current step and exits with status 130 or 143
+(128 + the signal number); rerun the same command with `--resume_from_checkpoint latest` to continue exactly.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from sonett.training import CHECKPOINTS_DIR, PretrainArguments, list_checkpoints, pretrain
+from sonett.training import CHECKPOINTS_DIR, PretrainArguments, TrainingInterrupted, list_checkpoints, pretrain
 
 SAMPLE_PROMPT = "def read_config(path):\n    "
 
@@ -94,7 +98,18 @@ def vision_main(argv: list[str]) -> None:
     print(f"samples:               {plot}")
 
 
-def main() -> None:
+def shut_down_process_group() -> None:
+    """Tear down the process group of an `accelerate launch` run before exit, once every process is done.
+
+    Left to interpreter shutdown, gloo's threads now and then die with "terminate called without an active
+    exception" (SIGABRT), which fails the launch although training finished.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def main() -> int | None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("datasets", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -102,7 +117,12 @@ def main() -> None:
         return vision_main(sys.argv[2:])
     (args,) = HfArgumentParser(PretrainArguments).parse_args_into_dataclasses()
     started = time.perf_counter()
-    results = pretrain(args)
+    try:
+        results = pretrain(args)
+    except TrainingInterrupted as stopped:  # the library logged where the checkpoint is and how to resume
+        shut_down_process_group()
+        return stopped.exit_code
+    shut_down_process_group()
     if int(os.environ.get("RANK", "0")) != 0:
         return
     sample = generate_sample(args.output_dir)

@@ -322,6 +322,90 @@ def test_the_script_refuses_a_broken_folder_with_its_fix(models, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+# ---- only the folder's own files, and never a credential, leave the machine ----------------------------------------
+
+SECRETS = {
+    ".env": f"HF_TOKEN={TOKEN}\n",
+    ".env.local": f"HF_TOKEN={TOKEN}\n",
+    "token": TOKEN,
+    "hub.token": TOKEN,
+    ".huggingface/token": TOKEN,
+    ".git-credentials": f"https://user:{TOKEN}@huggingface.co\n",
+    ".netrc": f"machine huggingface.co login user password {TOKEN}\n",
+    "id_rsa": "-----BEGIN OPENSSH PRIVATE KEY-----\n",
+    "id_ed25519.pub": "ssh-ed25519 AAAA\n",
+    "server.pem": "-----BEGIN CERTIFICATE-----\n",
+    "signing.key": "-----BEGIN PRIVATE KEY-----\n",
+    "nested/.env": f"HF_TOKEN={TOKEN}\n",
+}
+
+
+def folder_with_secrets(models, path: Path) -> Path:
+    """A copy of v1 with credential files (each holding or standing for TOKEN) and a link to one of them."""
+    folder = shutil.copytree(models["v1"]["folder"], path)
+    for name, content in SECRETS.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(content)
+    (folder / "settings.txt").symlink_to(folder / ".env")  # an innocent name for a secret inside the folder
+    (folder / "alias.json").symlink_to(folder / "config.json")  # a link that stays inside: uploaded as its target
+    return folder
+
+
+def folder_with_outside_links(models, path: Path, outside: Path) -> Path:
+    folder = shutil.copytree(models["v1"]["folder"], path)
+    outside.mkdir()
+    (outside / "notes.txt").write_text(f"private notes {TOKEN}")
+    (folder / "notes.txt").symlink_to(outside / "notes.txt")  # a file outside the folder
+    (folder / "shared").symlink_to(outside, target_is_directory=True)  # a folder outside the folder
+    (folder / "escape.txt").symlink_to(Path("..") / outside.name / "notes.txt")  # a relative `..` link
+    return folder
+
+
+def test_secrets_are_skipped_with_a_warning_that_names_them(models, tmp_path, caplog):
+    folder = folder_with_secrets(models, tmp_path / "folder")
+    with caplog.at_level("WARNING", logger="sonett.hub_upload"):
+        uploaded = {f.path_in_repo for f in validate_model_folder(folder)}
+    assert uploaded == {f.path_in_repo for f in list_upload_files(models["v1"]["folder"])} | {"alias.json"}
+    warning = caplog.text
+    for name in [*SECRETS, "settings.txt"]:
+        assert name in warning, name
+    assert "never leave the machine" in warning and "move them out of" in warning
+    assert TOKEN not in warning
+
+
+def test_links_that_leave_the_folder_are_refused_with_the_fix(models, tmp_path):
+    folder = folder_with_outside_links(models, tmp_path / "folder", tmp_path / "outside")
+    with pytest.raises(FolderNotReadyError) as error:
+        push_folder_to_hub(folder, REPO)  # refused before any network use (this process is offline)
+    message = str(error.value)
+    assert "Symbolic links lead outside the folder" in message and "Copy the file into the folder" in message
+    for name in ("notes.txt ->", "shared ->", "escape.txt ->"):
+        assert name in message, message
+    assert message.count("\n- ") == 1, message
+    assert {f.path_in_repo for f in list_upload_files(folder)} == {
+        f.path_in_repo for f in list_upload_files(models["v1"]["folder"])
+    }
+    assert TOKEN not in message
+
+
+def test_a_push_sends_no_secret_and_no_outside_file_and_prints_no_token(models, tmp_path):
+    secrets = folder_with_secrets(models, tmp_path / "secrets")
+    linked = folder_with_outside_links(models, tmp_path / "linked", tmp_path / "outside")
+    with HubServer() as hub:
+        env = online_env(tmp_path / "home", hub.url, TOKEN)
+        codes, output = run_pushes([[str(secrets), "tester/secrets"], [str(linked), "tester/linked"]], env, tmp_path)
+        repos = hub.state.repos
+    assert codes == [0, 1], output[-4000:]
+    received = repos["tester/secrets"].files("main")
+    local = local_files(models["v1"]["folder"])
+    assert set(received) == set(local) | {"alias.json", ".gitattributes"}
+    assert received["alias.json"] == local["config.json"]
+    assert all(TOKEN.encode() not in data for data in received.values())
+    assert "tester/linked" not in repos  # refused before the repository was created
+    assert "not uploading 13 credential-looking files" in output and "Symbolic links lead outside the folder" in output
+    assert TOKEN not in output and TOKEN[3:] not in output
+
+
 def break_missing_config(folder: Path) -> None:
     (folder / "config.json").unlink()
 

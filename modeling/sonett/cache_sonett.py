@@ -562,7 +562,10 @@ class SonettCache(Cache):
         differing = [name for name in STATE_FIELDS if saved.get(name) != expected.get(name)]
         if differing:
             details = "; ".join(f"{n}: file {saved.get(n)!r} vs model {expected.get(n)!r}" for n in differing)
-            raise ValueError(f"The memory file {path} was written by a model with another config ({details}).")
+            raise ValueError(
+                f"The memory file {path} was written by a model with another config ({details}); load it with the "
+                "model that wrote it, or start a new conversation (a fresh cache) with this model."
+            )
         windows = {int(i): w for i, w in json.loads(metadata["layer_windows"]).items()}
         cache = cls(config, layer_windows=windows)
         cache.load_state(tensors, json.loads(metadata["scalars"]))

@@ -6,6 +6,8 @@ built, which attention mask it receives and which cache-layer class holds its de
 
 from __future__ import annotations
 
+import numbers
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -22,6 +24,23 @@ SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "yarn", "llama3")
 HIERARCHY_POOLINGS: tuple[str, ...] = ("linear", "mean")
 HIERARCHY_UPSAMPLINGS: tuple[str, ...] = ("repeat", "linear")
 HIERARCHY_KEYS: tuple[str, ...] = ("shorten_factor", "start_layer", "end_layer", "pooling", "upsampling")
+# Integer fields of SonettConfig (None allowed where the field is optional).
+INTEGER_FIELDS: tuple[str, ...] = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "sliding_window",
+    "adaptive_span_ramp",
+    "linear_feature_dim",
+    "linear_chunk_size",
+    "linear_conv_size",
+    "memory_chunk_size",
+)
 
 
 VISION_STEMS = ("patchify", "convolutional")
@@ -224,6 +243,7 @@ class SonettConfig(PreTrainedConfig):
     image_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
+        self._check_integer_fields()
         if self.layer_types is None:
             self.layer_types = [
                 "full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(self.num_hidden_layers)
@@ -235,6 +255,24 @@ class SonettConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         # Plain ValueErrors here, before @strict's own validators, so users see the field name first.
         self._check_fields()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """The saved config as transformers reads it; refuses a config of another model type.
+
+        transformers only warns when a config.json of another `model_type` (a Llama folder, say) is loaded into
+        SonettConfig and then builds a Sonett model from the fields it recognises, with random weights for the rest.
+        """
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        nested = any(isinstance(v, dict) and v.get("model_type") == cls.model_type for v in config_dict.values())
+        if model_type is not None and model_type != cls.model_type and not nested:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a config of model_type {model_type!r}, not a Sonett config "
+                f"(model_type {cls.model_type!r}), so {cls.__name__} cannot load it. Load it with its own classes "
+                "(AutoConfig / AutoModelForCausalLM.from_pretrained), or point to a folder saved by a Sonett model."
+            )
+        return config_dict, kwargs
 
     def convert_rope_params_to_dict(self, **kwargs):
         """Default to one RoPE dict per softmax layer kind, each with its own base (Gemma 3 style)."""
@@ -252,6 +290,16 @@ class SonettConfig(PreTrainedConfig):
         """RoPE settings of one layer kind (the nested entry if there is one, else the flat dict)."""
         params = self.rope_parameters or {}
         return params[kind] if isinstance(params.get(kind), dict) else params
+
+    def _check_integer_fields(self) -> None:
+        """Integers first, so a quoted number in config.json ("512") is named instead of failing in arithmetic."""
+        for name in INTEGER_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(
+                    f"SonettConfig.{name} must be an integer, got {value!r}; write it as a number in config.json "
+                    "(no quotes, no decimal point)."
+                )
 
     def _check_fields(self) -> None:
         def positive(name: str) -> None:

@@ -94,7 +94,10 @@ def _check_lines(path: Path) -> None:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path} line {number} is not valid JSON: {error.msg}.") from None
+                    raise ValueError(
+                        f"{path} line {number} is not valid JSON: {error.msg}; write one JSON object per line "
+                        "(JSON Lines), or use a .txt file for plain text."
+                    ) from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{path} line {number} is not a JSON object; write one object per line.")
 
@@ -147,7 +150,10 @@ def load_corpus(
     dataset = dataset.filter(lambda row: isinstance(row[text_column], str) and row[text_column].strip() != "")
     empty = len(dataset) == 0 if isinstance(dataset, Dataset) else next(iter(dataset), None) is None
     if empty:
-        raise ValueError(f"The corpus has no non-empty documents in column {text_column!r}.")
+        raise ValueError(
+            f"The corpus has no non-empty documents in column {text_column!r}; put text in that column, or pass "
+            "--text_column with the column that holds the documents."
+        )
     return dataset
 
 

@@ -1,4 +1,6 @@
-"""Evaluate a causal language model folder: perplexity (and optionally next-token accuracy) on a text corpus.
+"""Evaluate a causal language model folder: perplexity (and optionally next-token accuracy) on a text corpus, or
+the synthetic recall tasks (`task="mqar"`: the Zoology MQAR grid; `task="passkey"`: passkey retrieval by context
+length and depth). Every task runs on any `AutoModelForCausalLM`, so the same code measures a transformers Llama.
 
 The model scores fixed blocks of tokens; the aggregation runs through the `evaluate` metrics shipped inside this
 package (`sonett/metrics/<name>/<name>.py`), loaded offline with `evaluate.load(metric_path(name))`. With no data
@@ -21,11 +23,14 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import load_corpus, pack_into_blocks, split_by_document
+from .mqar import MQAR_GRID, mqar_batch, recall_predictions
+from .passkey import DEFAULT_DEPTHS, passkey_sweep
 
 logger = logging.getLogger(__name__)
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 SPLITS = ("validation", "train", "all")
+TASKS = ("lm", "mqar", "passkey")
 
 
 @dataclass
@@ -33,6 +38,7 @@ class EvaluationArguments:
     """Settings of one evaluation; every field is also a `scripts/evaluate.py` flag."""
 
     model: str = "runs/sonett-tiny"
+    task: str = field(default="lm", metadata={"help": "lm (perplexity), mqar (recall grid) or passkey (sweep)"})
     data_files: list[str] = field(default_factory=list)
     dataset_name: str | None = None
     text_column: str = "text"
@@ -44,6 +50,17 @@ class EvaluationArguments:
     max_blocks: int | None = None
     token_accuracy: bool = False
     device: str | None = None
+    mqar_examples: int = field(default=500, metadata={"help": "mqar: examples per grid cell"})
+    passkey_lengths: list[int] = field(
+        default_factory=lambda: [1024, 2048, 4096, 8192, 16384, 32768], metadata={"help": "passkey: context lengths"}
+    )
+    passkey_keys_per_depth: int = field(default=2, metadata={"help": "passkey: keys tried at each depth"})
+    chunk_size: int | None = field(default=2048, metadata={"help": "passkey: prefill chunk for long prompts"})
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}.")
 
 
 def metric_path(name: str) -> str:
@@ -78,6 +95,67 @@ def load_model(folder: str, device: str) -> tuple[PreTrainedModel, PreTrainedTok
         raise ValueError(f"The tokenizer in {folder} has no EOS token; documents are joined with EOS into blocks.")
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     return model.to(device).eval(), tokenizer
+
+
+def load_model_only(folder: str, device: str) -> PreTrainedModel:
+    """The causal LM saved in `folder` (remote code allowed), in eval mode on `device`; no tokenizer needed."""
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"No model folder at {folder} (no config.json); pass a folder written by scripts/train.py or "
+            "scripts/compare.py."
+        )
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).to(device).eval()
+
+
+def evaluate_mqar(args: EvaluationArguments) -> dict:
+    """MQAR accuracy of `args.model` on every cell of `MQAR_GRID`, aggregated with the shipped `accuracy` metric."""
+    started = time.perf_counter()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model_only(args.model, device)
+    vocab_size = model.config.vocab_size
+    grid = {}
+    for length, pairs in MQAR_GRID:
+        generator = torch.Generator().manual_seed(args.seed)  # as `sonett.mqar.mqar_accuracy` draws them
+        metric = load_metric("accuracy")
+        for start in range(0, args.mqar_examples, args.batch_size):
+            count = min(args.batch_size, args.mqar_examples - start)
+            predicted, target = recall_predictions(model, mqar_batch(count, length, pairs, vocab_size, generator))
+            metric.add_batch(predictions=predicted.tolist(), references=target.tolist())
+        grid[f"{length},{pairs}"] = metric.compute()["accuracy"]
+    return {
+        "model": str(args.model),
+        "task": "mqar",
+        "vocab_size": vocab_size,
+        "examples_per_cell": args.mqar_examples,
+        "accuracy": grid,
+        "device": f"{device} ({platform.machine()})",
+        "runtime_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def evaluate_passkey(args: EvaluationArguments) -> dict:
+    """Passkey retrieval accuracy of `args.model` at every context length and depth."""
+    started = time.perf_counter()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model, device)
+    sweep = passkey_sweep(
+        model,
+        tokenizer,
+        args.passkey_lengths,
+        DEFAULT_DEPTHS,
+        keys_per_depth=args.passkey_keys_per_depth,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+    )
+    return {
+        "model": str(args.model),
+        "task": "passkey",
+        "accuracy": {str(length): by_depth for length, by_depth in sweep.items()},
+        "mean_accuracy": {str(length): sum(d.values()) / len(d) for length, d in sweep.items()},
+        "keys_per_depth": args.passkey_keys_per_depth,
+        "device": f"{device} ({platform.machine()})",
+        "runtime_seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def load_evaluation_text(args: EvaluationArguments) -> tuple[Dataset, str, str]:
@@ -201,9 +279,12 @@ __all__ = [
     "BlockScores",
     "EvaluationArguments",
     "evaluate_causal_lm",
+    "evaluate_mqar",
+    "evaluate_passkey",
     "load_evaluation_text",
     "load_metric",
     "load_model",
+    "load_model_only",
     "metric_path",
     "score_blocks",
 ]

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .model_card import render_model_card
@@ -54,4 +55,42 @@ def write_model_folder(
     return output_dir
 
 
-__all__ = ["count_parameters", "write_model_folder"]
+def add_quality_results(folder: str | Path, rows: list[dict]) -> None:
+    """Add side-by-side rows (see `sonett.model_card.quality_rows`) to a Sonett folder's results and re-render its card.
+
+    A row replaces an earlier one of the same `evaluation`. The folder must hold a Sonett config; its
+    `training_results.json` is created if missing.
+    """
+    from .configuration_sonett import SonettConfig
+
+    folder = Path(folder)
+    config = SonettConfig.from_pretrained(folder)
+    results_file = folder / RESULTS_FILE
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    names = {row["evaluation"] for row in rows}
+    results["quality"] = [row for row in results.get("quality", []) if row["evaluation"] not in names] + rows
+    parameters = results.get("parameters")
+    if parameters is None:
+        from .modeling_sonett import SonettForCausalLM
+
+        with torch.device("meta"):
+            parameters = count_parameters(SonettForCausalLM(config))
+    card = render_model_card(config, parameters, results, folder.name, repo_id=str(folder))
+    results_file.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (folder / "README.md").write_text(card, encoding="utf-8")
+
+
+def write_baseline_folder(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path, results: dict
+) -> Path:
+    """Save a baseline model (a plain transformers architecture) with its tokenizer and `training_results.json`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    logger.info("wrote %s", output_dir)
+    return output_dir
+
+
+__all__ = ["add_quality_results", "count_parameters", "write_baseline_folder", "write_model_folder"]

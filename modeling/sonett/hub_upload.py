@@ -4,10 +4,14 @@
 half-written file, remote-code files that `auto_map` or a relative import names but the folder lacks, no model card),
 then creates the repository (and the branch for `revision`) and commits every file with `HfApi.create_commit`.
 The token is resolved by huggingface_hub itself (`HF_TOKEN`, then the saved login) and never read into a log.
+
+Only files inside the folder leave the machine: a symbolic link that points outside it is refused, and files that look
+like credentials (`.env`, `token`, `.huggingface/`, SSH keys, `*.pem`, ...) are never uploaded; a warning names them.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import re
@@ -31,6 +35,23 @@ IN_PROGRESS_SUFFIXES = (".partial", ".tmp", ".incomplete")
 # Local-only state of a training run (optimizer checkpoints, tracker logs) stays out of the upload.
 IGNORED_DIRS = frozenset({".git", ".cache", "__pycache__", "checkpoints", "logs"})
 IGNORED_SUFFIXES = (".pyc",)
+# Files that hold credentials (matched case-insensitively on the name) and folders that hold them: never uploaded.
+SECRET_FILE_PATTERNS = (
+    ".env",
+    ".env.*",
+    "token",
+    "*.token",
+    ".git-credentials",
+    ".netrc",
+    ".pypirc",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "*.pem",
+    "*.key",
+)
+SECRET_DIRS = frozenset({".huggingface", ".ssh"})
 # The first argument of `.from_pretrained("...")` in the card's usage example (training writes its local path there).
 FROM_PRETRAINED_ARGUMENT = re.compile(r'(\.from_pretrained\(\s*)"[^"\n]*"')
 # The relative imports transformers follows when it loads remote code.
@@ -88,17 +109,63 @@ def format_size(num_bytes: int) -> str:
     return f"{size:.1f} GiB"
 
 
-def list_upload_files(folder: str | Path) -> list[UploadFile]:
-    """Every file under `folder`, sorted, except `.git/`, `.cache/`, `__pycache__/`, a training run's
-    `checkpoints/` and `logs/`, and `*.pyc`."""
-    folder = Path(folder)
-    files = []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if not path.is_file() or IGNORED_DIRS.intersection(relative.parts[:-1]) or path.suffix in IGNORED_SUFFIXES:
+def is_secret(relative: Path) -> bool:
+    """Whether a path (relative to the folder) looks like it holds credentials."""
+    name = relative.name.lower()
+    in_secret_dir = any(part.lower() in SECRET_DIRS for part in relative.parts[:-1])
+    return in_secret_dir or any(fnmatch.fnmatchcase(name, pattern) for pattern in SECRET_FILE_PATTERNS)
+
+
+@dataclass
+class FolderScan:
+    """The files of a folder that may be uploaded, and those that must not be.
+
+    `secrets`: credential-looking files (skipped). `outside_links`: `link -> target` for every symbolic link (or file
+    reached through one) whose target lies outside the folder (a push refuses the folder).
+    """
+
+    files: list[UploadFile]
+    secrets: list[str]
+    outside_links: list[str]
+
+
+def scan_folder(folder: str | Path) -> FolderScan:
+    """Walk `folder` without leaving it: see `list_upload_files` for what is skipped."""
+    root = Path(folder).resolve()
+    files, secrets, outside = [], [], []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if IGNORED_DIRS.intersection(relative.parts[:-1]) or path.suffix in IGNORED_SUFFIXES:
+            continue
+        target = path.resolve()
+        if not target.is_relative_to(root):  # a link (or a file under a linked folder) that leaves the folder
+            if path.is_symlink() or path.is_file():
+                outside.append(f"{relative.as_posix()} -> {target}")
+            continue
+        if not path.is_file():
+            continue
+        if is_secret(relative) or is_secret(target.relative_to(root)):  # a link to a secret is one too
+            secrets.append(relative.as_posix())
             continue
         files.append(UploadFile(relative.as_posix(), path, path.stat().st_size))
-    return files
+    return FolderScan(files, secrets, outside)
+
+
+def list_upload_files(folder: str | Path) -> list[UploadFile]:
+    """Every file under `folder`, sorted, except `.git/`, `.cache/`, `__pycache__/`, a training run's
+    `checkpoints/` and `logs/`, `*.pyc`, links that lead outside the folder, and credential-looking files (`.env`,
+    `.env.*`, `token`, `*.token`, `.huggingface/`, `.ssh/`, `.git-credentials`, `.netrc`, `.pypirc`, SSH keys,
+    `*.pem`, `*.key`), which a warning names."""
+    scan = scan_folder(folder)
+    if scan.secrets:
+        logger.warning(
+            "not uploading %d credential-looking files: %s (they never leave the machine; move them out of %s to "
+            "silence this warning)",
+            len(scan.secrets),
+            ", ".join(scan.secrets),
+            folder,
+        )
+    return scan.files
 
 
 def _read_json(path: Path, problems: list[str]) -> dict | None:
@@ -226,6 +293,12 @@ def validate_model_folder(folder: str | Path) -> list[UploadFile]:
         raise FolderNotReadyError(f"{folder} is not a folder; pass the directory that save_pretrained wrote.")
     files = list_upload_files(folder)
     problems: list[str] = []
+    outside = scan_folder(folder).outside_links
+    if outside:
+        problems.append(
+            f"Symbolic links lead outside the folder: {', '.join(outside)}; files outside the folder are never "
+            "uploaded. Copy the file into the folder instead (cp -L), or remove the link."
+        )
     unfinished = [f.path_in_repo for f in files if f.path_in_repo.endswith(IN_PROGRESS_SUFFIXES)]
     if unfinished:
         problems.append(
@@ -332,6 +405,7 @@ def push_folder_to_hub(
 
 __all__ = [
     "FolderNotReadyError",
+    "FolderScan",
     "NoHubTokenError",
     "PushResult",
     "UploadFile",
@@ -339,5 +413,6 @@ __all__ = [
     "format_size",
     "list_upload_files",
     "push_folder_to_hub",
+    "scan_folder",
     "validate_model_folder",
 ]

@@ -92,6 +92,18 @@ def metric_rows(results: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def quality_rows(results: dict) -> list[dict]:
+    """The side-by-side rows `results["quality"]` holds (see `sonett.comparison`), each with the keys `evaluation`,
+    `model`, `llama`, `target` and `command`, every value as text; [] when there are none."""
+    rows = []
+    for row in results.get("quality", []):
+        missing = {"evaluation", "model", "llama", "target", "command"} - set(row)
+        if missing:
+            raise ValueError(f"A quality row lacks {sorted(missing)}: {row}; give every key (text, may be empty).")
+        rows.append({key: str(row[key]) for key in ("evaluation", "model", "llama", "target", "command")})
+    return rows
+
+
 def vision_facts(config: SonettConfig) -> dict | None:
     """The vision encoder's settings for the card, or None for a text-only config."""
     vision = getattr(config, "vision_config", None)
@@ -138,6 +150,7 @@ def card_values(
         "vision": vision,
         "training": {key: format_value(results[key]) if key in results else MISSING for key in TRAINING_KEYS},
         "metrics": metric_rows(results),
+        "quality": quality_rows(results),
         "intended_use": results.get("intended_use", DEFAULT_INTENDED_USE),
         "missing": MISSING,
     }
@@ -179,4 +192,4 @@ def render_model_card(
         raise ValueError(f"Model card template {path} failed to render: {error}. Fix the template.") from error
 
 
-__all__ = ["card_values", "hierarchy_summary", "layer_mix", "metric_rows", "render_model_card"]
+__all__ = ["card_values", "hierarchy_summary", "layer_mix", "metric_rows", "quality_rows", "render_model_card"]

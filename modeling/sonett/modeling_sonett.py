@@ -10,7 +10,11 @@ positions and cache state.
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -114,12 +118,168 @@ class SonettPreTrainedModel(PreTrainedModel):
                 init.copy_(getattr(module, f"{kind}_inv_freq"), inv_freq)
                 init.copy_(getattr(module, f"{kind}_original_inv_freq"), inv_freq)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing_weights: bool = False, **kwargs):
+        """Load as transformers does, but refuse a checkpoint that would give a partly random model.
+
+        transformers only warns when the checkpoint lacks weights and initialises them randomly, which makes a model
+        that runs but answers wrongly. Sonett raises instead: a ValueError naming the missing weights (tied weights and
+        buffers do not count) or the tensors whose shapes differ from the config, and an OSError for a local folder
+        without config.json, without weights, with a missing shard, with only pickle weights, or with a truncated
+        safetensors file. Weights load from safetensors only (`use_safetensors=True`) unless you pass
+        `use_safetensors=False`.
+
+        Args:
+            allow_missing_weights: load even when weights are missing (they stay randomly initialised), e.g. to add
+                new parts and train them; the loading report still lists them.
+            Other arguments as in `PreTrainedModel.from_pretrained`.
+        """
+        if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
+            subfolder = kwargs.get("subfolder") or ""
+            folder = (
+                os.path.join(str(pretrained_model_name_or_path), subfolder)
+                if subfolder
+                else str(pretrained_model_name_or_path)
+            )
+            check_local_weights(folder, kwargs.get("config") is not None, kwargs.setdefault("use_safetensors", True))
+        want_info = kwargs.pop("output_loading_info", False)
+        refuse_mismatch = not kwargs.get("ignore_mismatched_sizes", False)
+        kwargs["ignore_mismatched_sizes"] = True  # report mismatches below, with their names, instead of a bare error
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights in {pretrained_model_name_or_path} cannot be read ({error}): the safetensors file is "
+                "truncated or corrupt (an interrupted save or download). Save the model again with save_pretrained, "
+                "or download it again with force_download=True."
+            ) from error
+        where = pretrained_model_name_or_path
+        if refuse_mismatch and info["mismatched_keys"]:
+            shapes = [
+                f"{name} {tuple(saved)} in the checkpoint vs {tuple(expected)} in the model"
+                for name, saved, expected in sorted(info["mismatched_keys"], key=lambda item: item[0])
+            ]
+            raise ValueError(
+                f"The checkpoint in {where} does not fit this config: {len(shapes)} tensors have other shapes "
+                f"({'; '.join(shapes[:5])}{'; ...' if len(shapes) > 5 else ''}). The weights were saved from a model "
+                "with another config (e.g. another hidden_size); load them with the config.json saved next to them "
+                "(no config= or size overrides), or pass ignore_mismatched_sizes=True to re-initialise those tensors."
+            )
+        missing = sorted(info["missing_keys"])
+        if missing and not allow_missing_weights:
+            raise ValueError(
+                f"The checkpoint in {where} lacks {len(missing)} weights the model needs: "
+                f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}. transformers would initialise them "
+                "randomly and the model would give wrong answers. Save the model again with save_pretrained (or "
+                "download the complete folder again), or pass allow_missing_weights=True if you will train those "
+                "weights yourself."
+            )
+        return (model, info) if want_info else model
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as usual, with an `auto_map` that exposes every Sonett head through remote code."""
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.update(self.auto_map_heads)
         self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".gguf")
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".bin.index.json", ".pt", ".pth", ".ckpt")
+
+
+def check_local_weights(folder: str, has_config: bool = False, use_safetensors: bool | None = True) -> None:
+    """Raise an OSError naming the problem and the fix when a local model folder cannot load completely.
+
+    Checks: config.json present (unless a config is passed, `has_config`), some weight file present, every shard an
+    index names present, and (unless `use_safetensors` is False) weights in safetensors rather than only pickle files.
+    A path that is not a local folder (a Hub id) is left to transformers.
+    """
+    if not os.path.isdir(folder):
+        return
+    names = os.listdir(folder)
+    weights = [name for name in names if name.endswith(WEIGHT_SUFFIXES)]
+    if "config.json" not in names and not has_config:
+        if weights:
+            raise OSError(
+                f"{folder} has weights but no config.json, so the model's shape is unknown; save the model again "
+                "with model.save_pretrained(folder), or copy the config.json that was saved with these weights."
+            )
+        return  # not a model folder: transformers reports it
+    if not weights:
+        raise OSError(
+            f"{folder} has a config.json but no weights (no model.safetensors): the save was interrupted or the file "
+            "was deleted. Save the model again with model.save_pretrained(folder), or copy or download the complete "
+            "folder."
+        )
+    if use_safetensors is not False and all(name.endswith(PICKLE_WEIGHT_SUFFIXES) for name in weights):
+        raise OSError(
+            f"{folder} holds only pickle weights ({', '.join(sorted(weights))}), which Sonett does not load by "
+            "default: unpickling a file can run code stored in it. Convert them to safetensors (load once where you "
+            "trust the file, then save_pretrained), or pass use_safetensors=False if you trust this file."
+        )
+    for index in (name for name in names if name.endswith(".safetensors.index.json")):
+        try:
+            with open(os.path.join(folder, index), encoding="utf-8") as handle:
+                shards = set(json.load(handle)["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            raise OSError(
+                f"{os.path.join(folder, index)} is not a valid weight index ({error}); save the model again with "
+                "model.save_pretrained(folder)."
+            ) from error
+        missing = sorted(shard for shard in shards if shard not in names)
+        if missing:
+            raise OSError(
+                f"{folder} lacks {len(missing)} of the {len(shards)} weight shards its {index} names "
+                f"({', '.join(missing)}): the save or download was interrupted. Save the model again with "
+                "model.save_pretrained(folder), or copy or download the complete folder."
+            )
+
+
+def full_attention_token_limit(config: SonettConfig) -> int | None:
+    """Longest sequence (in tokens) the `full_attention` layers take, or None without such layers.
+
+    It is `max_position_embeddings`, times the hierarchy's `shorten_factor` when every full_attention layer runs on
+    the shortened sequence (shortened token j ends at position j * k). Sliding, linear and memory layers have no limit.
+    """
+    full = [i for i, kind in enumerate(config.layer_types) if kind == "full_attention"]
+    if not full:
+        return None
+    span = config.hierarchy_span()
+    if all(i in span for i in full):
+        return config.max_position_embeddings * config.hierarchy["shorten_factor"]
+    return config.max_position_embeddings
+
+
+def position_limit_fix(config: SonettConfig, limit: int) -> str:
+    """What the length error tells the user to do."""
+    scaled = (
+        f", times shorten_factor {config.hierarchy['shorten_factor']}"
+        if limit != config.max_position_embeddings
+        else ""
+    )
+    return (
+        f"this model's full_attention layers take at most {limit} positions (max_position_embeddings="
+        f"{config.max_position_embeddings}{scaled}); beyond that RoPE meets positions it was never trained on. Shorten "
+        "the input (keep its last tokens), use a preset without full_attention layers (sliding, linear and memory "
+        "layers have no length limit, e.g. configuration/sonett-tiny-constant.json), or raise "
+        "max_position_embeddings together with a RoPE scaling (rope_parameters with rope_type 'yarn' or 'linear')."
+    )
+
+
+def check_position_limit(config: SonettConfig, position_ids: torch.Tensor) -> None:
+    """Raise a ValueError when `position_ids` `(batch, seq)` reach past what the full_attention layers take."""
+    limit = full_attention_token_limit(config)
+    if limit is None:
+        return
+    last = int(position_ids.max())
+    if last >= limit:
+        raise ValueError(
+            f"The input reaches position {last} (a sequence of {last + 1} tokens), but "
+            + position_limit_fix(config, limit)
+        )
 
 
 def check_text_inputs(
@@ -169,19 +329,21 @@ def check_text_inputs(
             bad = int(input_ids[out_of_range][0])
             raise ValueError(
                 f"Token id {bad} is out of range for vocab_size {config.vocab_size} (valid ids are 0 to "
-                f"{config.vocab_size - 1}); the tokenizer and the model config do not match."
+                f"{config.vocab_size - 1}); the tokenizer and the model config do not match: encode the text with the "
+                "tokenizer saved with this model."
             )
     if attention_mask is not None and attention_mask.dim() == 2:
         expected = (shape[0], past_length + shape[1])
         if tuple(attention_mask.shape) != expected:
             raise ValueError(
                 f"`attention_mask` has shape {tuple(attention_mask.shape)} but the input needs {expected} "
-                f"(batch, cached tokens {past_length} + new tokens {shape[1]})."
+                f"(batch, cached tokens {past_length} + new tokens {shape[1]}); pass the mask the tokenizer returned "
+                "for these input_ids, extended by the new tokens when decoding with a cache."
             )
     elif attention_mask is not None and attention_mask.dim() != 4:
         raise ValueError(
             f"`attention_mask` must be 2-D (batch, seq_len) or a prepared 4-D mask, "
-            f"got shape {tuple(attention_mask.shape)}."
+            f"got shape {tuple(attention_mask.shape)}; pass the 2-D mask the tokenizer returned."
         )
     elif attention_mask is not None and (
         attention_mask.shape[0] not in (1, shape[0]) or attention_mask.shape[-2] != shape[1]
@@ -347,6 +509,7 @@ class SonettModel(SonettPreTrainedModel):
         if position_ids is None:
             position_ids = self._default_position_ids(inputs_embeds, attention_mask, past_length)
         position_ids = position_ids.expand(inputs_embeds.shape[0], -1)
+        check_position_limit(self.config, position_ids)
 
         images = self._image_context(image_tokens, image_mask, cross_attention_mask, input_ids, cache, inputs_embeds)
         # Full-length layers before and after the hourglass span (all layers without a hierarchy).
@@ -588,6 +751,35 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
         if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
             model_kwargs["cache"] = self.make_cache()
 
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        """Check the 2-D `attention_mask` given to `generate` against the prompt before positions are derived from it
+        (generate drops an all-ones mask afterwards, so forward would never see a wrong one)."""
+        mask = model_kwargs.get("attention_mask")
+        ids = model_kwargs.get("input_ids")
+        prompt = ids if ids is not None and ids.shape[1] > 0 else inputs_tensor
+        if mask is not None and mask.dim() == 2:
+            cache = model_kwargs.get("cache")
+            past = cache.get_seq_length() if cache is not None else 0
+            expected = (prompt.shape[0], past + prompt.shape[1])
+            if tuple(mask.shape) != expected and tuple(mask.shape) != tuple(prompt.shape[:2]):
+                raise ValueError(
+                    f"`attention_mask` has shape {tuple(mask.shape)} but the prompt needs {tuple(prompt.shape[:2])} "
+                    "(batch, prompt tokens); pass the attention_mask the tokenizer returned with these input_ids."
+                )
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length) -> None:
+        """Also refuse, before any step, a generation that would run past the full_attention layers' limit."""
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        limit = full_attention_token_limit(self.config)
+        if limit is not None and generation_config.max_length > limit:
+            raise ValueError(
+                f"generate would grow the sequences to {generation_config.max_length} tokens (prompt "
+                f"{input_ids_length} + up to {generation_config.max_length - input_ids_length} new), but "
+                + position_limit_fix(self.config, limit)
+                + f" Or lower max_new_tokens to {max(limit - input_ids_length, 0)} or less."
+            )
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -616,6 +808,11 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
             `CausalLMOutputWithPast` with `logits` `(batch, seq or N, vocab_size)`, `loss` and `cache`.
         """
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        if kwargs.pop("pixel_values", None) is not None:
+            raise ValueError(
+                f"{type(self).__name__} reads text only and would ignore pixel_values; load a multimodal folder with "
+                "AutoModelForImageTextToText (SonettForConditionalGeneration) to use images."
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -727,8 +924,15 @@ class SonettForConditionalGeneration(SonettForCausalLM):
         if pixel_values.dim() != 5:
             raise ValueError(
                 f"pixel_values must have shape (batch, images, channels, height, width), got "
-                f"{tuple(pixel_values.shape)}."
+                f"{tuple(pixel_values.shape)}; prepare images with SonettImageProcessor / SonettProcessor."
             )
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be normalised floats, got dtype {pixel_values.dtype} (raw pixels?); prepare "
+                "images with SonettImageProcessor / SonettProcessor."
+            )
+        if not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("pixel_values contain NaN or infinite values; prepare images with SonettImageProcessor.")
         batch, images = pixel_values.shape[:2]
         features = self.vision_model(pixel_values.flatten(0, 1))
         tokens = self.multi_modal_projector(features)
@@ -762,6 +966,7 @@ class SonettForConditionalGeneration(SonettForCausalLM):
                 at or before it); derived from the image markers when None.
             Other arguments as in `SonettForCausalLM.forward`.
         """
+        self._check_images_match_text(input_ids, inputs_embeds, pixel_values)
         image_tokens = self.get_image_tokens(pixel_values) if pixel_values is not None else None
         return super().forward(
             input_ids=input_ids,
@@ -779,6 +984,20 @@ class SonettForConditionalGeneration(SonettForCausalLM):
             cross_attention_mask=cross_attention_mask,
             **kwargs,
         )
+
+    @staticmethod
+    def _check_images_match_text(
+        input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, pixel_values: torch.Tensor | None
+    ) -> None:
+        """Refuse pixel_values whose batch size differs from the text's (a model call without images stays a text-only
+        run, markers included: with closed gates it equals the text model, DESIGN invariant 6)."""
+        text = input_ids if input_ids is not None else inputs_embeds
+        if pixel_values is not None and pixel_values.dim() == 5 and text is not None and len(pixel_values) != len(text):
+            raise ValueError(
+                f"pixel_values holds images for {pixel_values.shape[0]} samples but the text has batch size "
+                f"{text.shape[0]}; pass one row of images per sample, shape (batch, images, 3, H, W), as "
+                "SonettProcessor returns it."
+            )
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """Extend `cross_attention_mask` by one row per new token: it sees what the last position saw."""

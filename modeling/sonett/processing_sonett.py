@@ -133,6 +133,11 @@ class SonettProcessor(ProcessorMixin):
         if not any(per_sample):  # text only: exactly what the tokenizer gives
             if single and return_tensors is None:  # the tokenizer gives flat lists for one string
                 data = {key: value[0] for key, value in data.items()}
+            elif return_tensors is not None:  # int64 even for empty prompts (an empty list would become float)
+                data = {
+                    key: np.asarray(value, dtype=np.int64) if len({len(row) for row in value}) == 1 else value
+                    for key, value in data.items()
+                }
             return BatchFeature(data, tensor_type=return_tensors)
 
         lengths = {len(ids) for ids in data["input_ids"]}

@@ -5,9 +5,15 @@ model from a preset -> AdamW (parameter groups) with a cosine schedule -> period
 checkpoints -> a Hub-ready folder. It runs unchanged on one CPU, one GPU or many processes under
 `accelerate launch` (DDP, FSDP, DeepSpeed; configs in `configuration/accelerate/`).
 
-Checkpoints (`output_dir/checkpoints/step_N`) hold `accelerator.save_state`, the tokenizer and
-`trainer_state.json` (step, data position, loss history, the files written). A run resumed from one sees the same
-data in the same order, so its losses equal those of the uninterrupted run.
+Checkpoints (`output_dir/checkpoints/step_N`, written atomically by `sonett.checkpointing`) hold
+`accelerator.save_state`, the tokenizer and `trainer_state.json` (step, data position, loss history, the files
+written). A run resumed from one sees the same data in the same order, so its losses equal those of the
+uninterrupted run.
+
+Crash safety: SIGINT and SIGTERM during training stop the run after the current optimizer step, on every process
+at the same step, with a checkpoint (`TrainingInterrupted`; `scripts/train.py` exits with 128 + the signal number).
+A step whose loss or gradient norm is not finite is never applied: `--nan_policy skip` steps over it (at most
+`--nan_skip_limit` in a row), `--nan_policy stop` raises `NonFiniteLossError`.
 """
 
 from __future__ import annotations
@@ -15,10 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
-import re
-import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,8 +34,30 @@ from accelerate.utils import DistributedType, ProjectConfiguration, is_tensorboa
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+from transformers import (
+    AutoTokenizer,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_cosine_schedule_with_warmup,
+)
 
+from .baselines import llama_config_matching
+from .checkpointing import (
+    CHECKPOINTS_DIR,
+    PARTIAL_SUFFIX,
+    RESUME_MUST_MATCH,
+    STATE_FILE,
+    TOKENIZER_DIR,
+    TrainState,
+    UnsafeCheckpointError,
+    check_resumable,
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .configuration_sonett import SonettConfig
 from .data import (
     Corpus,
@@ -41,44 +68,18 @@ from .data import (
     split_by_document,
     take_blocks,
 )
-from .hub import count_parameters, write_model_folder
+from .hub import count_parameters, write_baseline_folder, write_model_folder
 from .modeling_sonett import SonettForCausalLM
 from .tokenizer_training import train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configuration"
-CHECKPOINTS_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"
-TOKENIZER_DIR = "tokenizer"
-PARTIAL_SUFFIX = ".partial"  # a checkpoint being written; renamed to step_N when complete
-CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+NAN_POLICIES = ("skip", "stop")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+ARCHITECTURES = ("sonett", "llama")
 STREAMING_TOKENIZER_DOCUMENTS = 20_000
-# Arguments a resumed run must share with the run that saved the checkpoint, or the data order / optimisation differ.
-RESUME_MUST_MATCH = (
-    "config",
-    "data_files",
-    "dataset_name",
-    "text_column",
-    "streaming",
-    "shuffle_buffer",
-    "tokenizer",
-    "tokenizer_max_documents",
-    "vocab_size",
-    "block_size",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "learning_rate",
-    "gate_lr_multiplier",
-    "weight_decay",
-    "warmup_steps",
-    "max_grad_norm",
-    "validation_fraction",
-    "max_documents",
-    "activation_checkpointing",
-    "seed",
-)
 
 
 @dataclass
@@ -87,6 +88,13 @@ class PretrainArguments:
 
     config: str = field(default="sonett-tiny", metadata={"help": "a preset name in configuration/ or a JSON file"})
     output_dir: str = field(default="runs/sonett-tiny", metadata={"help": "the Hub-ready model folder to write"})
+    architecture: str = field(
+        default="sonett",
+        metadata={
+            "help": "sonett, or llama: a transformers LlamaForCausalLM of the preset's shape and parameter count "
+            "(within 5%), the baseline of scripts/compare.py"
+        },
+    )
     data_files: list[str] = field(
         default_factory=list, metadata={"help": "local .txt/.jsonl/.json/.parquet files (default: the stdlib source)"}
     )
@@ -130,13 +138,28 @@ class PretrainArguments:
     report_to: str = field(
         default="auto", metadata={"help": "tracker: tensorboard, none, another Accelerate tracker, or auto"}
     )
+    nan_policy: str = field(
+        default="skip",
+        metadata={
+            "help": "an optimizer step whose loss or gradient norm is NaN/inf is never applied; skip: drop it, "
+            "zero the gradients and go on (logged); stop: raise NonFiniteLossError"
+        },
+    )
+    nan_skip_limit: int = field(
+        default=10, metadata={"help": "with --nan_policy skip: stop with an error after this many skips in a row"}
+    )
     cpu: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}.")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}.")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}.")
         positive = ("block_size", "batch_size", "gradient_accumulation_steps", "max_steps", "eval_blocks")
+        positive += ("nan_skip_limit",)
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -243,161 +266,6 @@ def evaluate_loss(model: torch.nn.Module, loader: DataLoader, accelerator: Accel
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-@dataclass
-class TrainState:
-    """Where a run stands: optimizer steps, the data position, and what it measured so far."""
-
-    step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches this process has taken from the current epoch
-    tokens_seen: int = 0
-    history: list[dict] = field(default_factory=list)
-
-
-def _checkpoint_step(path: Path) -> int:
-    match = CHECKPOINT_NAME.match(path.name)
-    return int(match.group(1)) if match else -1
-
-
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """The `step_N` folders under `root`, oldest first (half-written `.partial` folders excluded)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)), key=_checkpoint_step)
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """The `trainer_state.json` of a complete checkpoint folder.
-
-    Raises ValueError when the folder is half-written: a `.partial` folder an interrupted save left behind, no
-    state file, or a file the state lists that is missing or has another size.
-    """
-    path = Path(path)
-    if path.name.endswith(PARTIAL_SUFFIX):
-        raise ValueError(
-            f"{path} is a half-written checkpoint (a save was interrupted); resume from a complete step_N folder "
-            "and delete this one."
-        )
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
-        raise ValueError(
-            f"{path} is not a complete checkpoint: it has no {STATE_FILE} (half-written, or not written by "
-            "sonett.training.pretrain)."
-        )
-    saved = json.loads(state_file.read_text())
-    problems = []
-    for name, size in saved["files"].items():
-        file = path / name
-        if not file.is_file():
-            problems.append(f"{name} is missing")
-        elif file.stat().st_size != size:
-            problems.append(f"{name} has {file.stat().st_size} bytes, {size} were written")
-    if problems:
-        raise ValueError(f"Checkpoint {path} is damaged: {'; '.join(problems)}. Resume from another checkpoint.")
-    return saved
-
-
-def resolve_checkpoint(spec: str, root: str | Path) -> Path:
-    """The checkpoint folder `--resume_from_checkpoint spec` names, checked complete.
-
-    Args:
-        spec: `latest` (the newest `step_N` under `root`) or a checkpoint folder.
-        root: the run's checkpoint folder, `output_dir/checkpoints`.
-    """
-    root = Path(root)
-    if spec != "latest":
-        path = Path(spec)
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"Checkpoint folder {spec} does not exist; give a step_N folder under an output_dir/checkpoints, "
-                "or `latest`."
-            )
-        read_checkpoint(path)
-        return path
-    checkpoints = list_checkpoints(root)
-    partial = sorted(p.name for p in root.glob(f"*{PARTIAL_SUFFIX}")) if root.is_dir() else []
-    if not checkpoints:
-        found = f"; half-written (interrupted saves): {partial}" if partial else ""
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint latest found no checkpoint in {root}{found}. Save some with "
-            "--checkpointing_steps N, or start without --resume_from_checkpoint."
-        )
-    latest = checkpoints[-1]
-    if partial:
-        logger.warning("ignoring half-written checkpoints %s in %s; resuming from %s", partial, root, latest.name)
-    read_checkpoint(latest)
-    return latest
-
-
-def check_resumable(saved: dict, args: PretrainArguments, num_processes: int) -> None:
-    """Raise unless `args` continue the run that saved `saved`: same data, order and optimisation settings."""
-    before = saved["arguments"]
-    differing = [
-        f"{name} ({before.get(name)!r} -> {getattr(args, name)!r})"
-        for name in RESUME_MUST_MATCH
-        if before.get(name) != getattr(args, name)
-    ]
-    if saved["num_processes"] != num_processes:
-        differing.append(f"number of processes ({saved['num_processes']} -> {num_processes})")
-    if differing:
-        raise ValueError(
-            "The checkpoint was saved by a run with other settings, so resuming would not continue it: "
-            f"{', '.join(differing)}. Resume with the original settings."
-        )
-    if before["max_steps"] != args.max_steps:
-        logger.warning(
-            "max_steps changed from %d to %d: the cosine schedule changes", before["max_steps"], args.max_steps
-        )
-
-
-def save_checkpoint(
-    accelerator: Accelerator,
-    tokenizer: PreTrainedTokenizerBase,
-    state: TrainState,
-    args: PretrainArguments,
-) -> Path:
-    """Save a resumable checkpoint to `output_dir/checkpoints/step_N`, atomically, and prune old ones.
-
-    Every process writes into `step_N.partial` (`accelerator.save_state`: weights, optimizer, scheduler, RNG
-    states); the main process adds the tokenizer and `trainer_state.json` (which lists every file and its size) and
-    renames the folder to `step_N`. Then only the newest `checkpoints_total_limit` checkpoints are kept. The
-    checkpoint folder must lie on a file system all processes share.
-    """
-    root = Path(args.output_dir) / CHECKPOINTS_DIR
-    final = root / f"step_{state.step}"
-    partial = root / f"step_{state.step}{PARTIAL_SUFFIX}"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(partial / TOKENIZER_DIR)
-        files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
-        saved = {
-            **asdict(state),
-            "num_processes": accelerator.num_processes,
-            "arguments": asdict(args),
-            "files": files,
-        }
-        (partial / STATE_FILE).write_text(json.dumps(saved, indent=1) + "\n")
-        if final.exists():  # left by an earlier run into the same output_dir
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        if args.checkpoints_total_limit is not None:
-            for old in list_checkpoints(root)[: -args.checkpoints_total_limit]:
-                shutil.rmtree(old)
-        logger.info("saved checkpoint %s", final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Data
 
 
@@ -500,16 +368,192 @@ def _tracker_config(args: PretrainArguments) -> dict:
     return values
 
 
-def _final_model(accelerator: Accelerator, model: torch.nn.Module, config: SonettConfig) -> SonettForCausalLM | None:
+def build_model(architecture: str, config: SonettConfig) -> PreTrainedModel:
+    """A freshly initialised causal LM: Sonett of `config`, or the parameter-matched Llama baseline of it."""
+    if architecture == "llama":
+        return LlamaForCausalLM(llama_config_matching(config))
+    return SonettForCausalLM(config)
+
+
+def _final_model(
+    accelerator: Accelerator, model: torch.nn.Module, architecture: str, config: SonettConfig
+) -> PreTrainedModel | None:
     """The trained model, whole, on the main process (None elsewhere); sharded models (FSDP, ZeRO) are gathered."""
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         state_dict = accelerator.get_state_dict(model)  # a collective: every process takes part
         if not accelerator.is_main_process:
             return None
-        whole = SonettForCausalLM(config)
+        whole = build_model(architecture, config)
         whole.load_state_dict({k: v.float() for k, v in state_dict.items()})
         return whole
     return accelerator.unwrap_model(model) if accelerator.is_main_process else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Crash safety: stop signals and non-finite steps
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """The run stopped on SIGINT or SIGTERM after saving a checkpoint of its last optimizer step.
+
+    A KeyboardInterrupt, so `except Exception` does not swallow a requested stop. `exit_code` is 128 + the signal
+    number (130 for SIGINT, 143 for SIGTERM), the status a shell reports for a process that signal ended;
+    `scripts/train.py` exits with it.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.step = step
+        self.checkpoint = checkpoint
+        self.exit_code = 128 + int(signum)
+        super().__init__(
+            f"Stopped by {self.signal_name} after optimizer step {step}; saved checkpoint {checkpoint}. Continue "
+            "with the same command plus --resume_from_checkpoint latest."
+        )
+
+
+class NonFiniteLossError(RuntimeError):
+    """An optimizer step's loss or gradient norm was NaN or infinite, and `nan_policy` says to stop."""
+
+
+class _StopSignals:
+    """While active (main thread only), SIGINT and SIGTERM only record a request to stop after the current step.
+
+    Repeated signals change nothing: a worker may get one from a job scheduler (Slurm's scancel signals every
+    process) and again from `accelerate launch`, which forwards SIGINT and SIGTERM to its workers. SIGKILL aborts
+    without saving; the last complete checkpoint stays usable.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("pretrain runs outside the main thread: SIGINT/SIGTERM end it without a checkpoint")
+            return self
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.received:
+            logger.warning("got %s again: still stopping after the current optimizer step (SIGKILL aborts)", name)
+        else:
+            logger.warning("got %s: finishing the current optimizer step, then saving a checkpoint and stopping", name)
+        self.received.append(signum)
+
+    def flags(self) -> list[float]:
+        """One 0/1 flag per signal of `STOP_SIGNALS`: whether this process received it."""
+        return [float(signum in self.received) for signum in STOP_SIGNALS]
+
+
+@dataclass
+class _StepOutcome:
+    """What one optimizer step did, the same on every process."""
+
+    loss: float  # mean over the micro-batches and the processes
+    grad_norm: float | None  # pre-clip total gradient norm (None where DeepSpeed does not report one)
+    skipped: bool  # not applied: the loss or the gradient norm was not finite
+    stop_signal: int | None  # a stop signal that some process received (SIGTERM wins over SIGINT)
+
+
+def _as_float(value: torch.Tensor | float | None) -> float | None:
+    if value is None:
+        return None
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _nonfinite_message(step: int, loss: float, grad_norm: float | None, args: PretrainArguments) -> str:
+    return (
+        f"Optimizer step {step} had a non-finite loss or gradient norm (loss {loss}, gradient norm {grad_norm}); it "
+        "was not applied, so the weights stay finite. Lower --learning_rate (or raise --warmup_steps), train in "
+        "bf16 rather than fp16 (--mixed_precision bf16), clip harder with a smaller --max_grad_norm "
+        f"(now {args.max_grad_norm}), or check the data of this step. To step over such batches, resume with "
+        "--resume_from_checkpoint latest --nan_policy skip."
+    )
+
+
+def _optimizer_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_losses: list[torch.Tensor],
+    signals: _StopSignals,
+    args: PretrainArguments,
+) -> _StepOutcome:
+    """Clip; agree across processes in one all-reduce (loss, stop flags, gradient finiteness); then step or skip.
+
+    `micro_losses` holds the scalar loss of each micro-batch of this step. A non-finite step is never applied: the
+    optimizer and the scheduler do not step and the gradients are zeroed. Under fp16, non-finite gradients with a
+    finite loss are left to the GradScaler (it skips the step and lowers the scale).
+    """
+    norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    device = accelerator.device
+    norm_tensor = norm if isinstance(norm, torch.Tensor) else torch.tensor(0.0 if norm is None else float(norm))
+    step_loss = torch.stack(micro_losses).mean().float()
+    agreed = torch.cat(
+        [
+            step_loss.reshape(1).to(device),
+            torch.tensor(signals.flags(), device=device),
+            (~torch.isfinite(norm_tensor.detach().float())).float().reshape(1).to(device),
+        ]
+    )  # (2 + len(STOP_SIGNALS),)
+    agreed = accelerator.reduce(agreed, reduction="sum")
+    loss = (agreed[0] / accelerator.num_processes).item()
+    received = [signum for signum, count in zip(STOP_SIGNALS, agreed[1:-1].tolist()) if count > 0]
+    scaler = accelerator.scaler
+    skipped = not math.isfinite(loss) or (agreed[-1].item() > 0 and scaler is None)
+    if not skipped:
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            scheduler.step()
+    elif scaler is not None:
+        scaler.update()  # instead of the step (after clip_grad_norm_'s unscale_): lowers the loss scale
+    optimizer.zero_grad()
+    stop = signal.SIGTERM if signal.SIGTERM in received else (received[0] if received else None)
+    return _StepOutcome(loss, _as_float(norm), skipped, stop)
+
+
+def _refuse_nonfinite_loss_before_deepspeed_step(
+    accelerator: Accelerator, loss: torch.Tensor, step: int, args: PretrainArguments
+) -> None:
+    """DeepSpeed steps inside `backward`, so a non-finite loss is caught before it, on every process alike."""
+    bad = accelerator.reduce((~torch.isfinite(loss.detach())).float(), reduction="sum")
+    if bad.item() > 0:
+        raise NonFiniteLossError(_nonfinite_message(step, float("nan"), None, args))
+
+
+def _count_skip(state: TrainState, args: PretrainArguments, outcome: _StepOutcome) -> None:
+    """Apply `nan_policy` to the skipped step that ends `state.history`: log it, or raise NonFiniteLossError."""
+    if args.nan_policy == "stop":
+        raise NonFiniteLossError(_nonfinite_message(state.step, outcome.loss, outcome.grad_norm, args))
+    in_a_row = 0
+    for entry in reversed(state.history):
+        if not entry.get("skipped"):
+            break
+        in_a_row += 1
+    if in_a_row >= args.nan_skip_limit:
+        raise NonFiniteLossError(
+            f"{in_a_row} optimizer steps in a row (the last: step {state.step}) were skipped, the limit of "
+            f"--nan_skip_limit {args.nan_skip_limit}. "
+            + _nonfinite_message(state.step, outcome.loss, outcome.grad_norm, args)
+        )
+    logger.warning(
+        "step %d: non-finite loss %s or gradient norm %s; skipped the optimizer step (%d in a row, limit %d)",
+        state.step,
+        outcome.loss,
+        outcome.grad_norm,
+        in_a_row,
+        args.nan_skip_limit,
+    )
 
 
 def pretrain(args: PretrainArguments) -> dict:
@@ -528,11 +572,17 @@ def pretrain(args: PretrainArguments) -> dict:
     data = prepare_data(args, accelerator, preset, checkpoint)
 
     config = build_config(preset, data.tokenizer)
-    model = SonettForCausalLM(config)
+    model = build_model(args.architecture, config)
     if args.activation_checkpointing:
-        model.activation_checkpointing_enable()
+        if args.architecture == "llama":
+            model.gradient_checkpointing_enable()
+        else:
+            model.activation_checkpointing_enable()
     num_parameters = count_parameters(model)
-    logger.info("model: %s parameters, layers %s", f"{num_parameters:,}", config.layer_types)
+    if args.architecture == "llama":
+        logger.info("model: %s parameters, Llama baseline of %s", f"{num_parameters:,}", args.config)
+    else:
+        logger.info("model: %s parameters, layers %s", f"{num_parameters:,}", config.layer_types)
 
     loader = make_train_loader(data.train_blocks, args)
     valid_loader = DataLoader(data.valid_blocks, batch_size=args.batch_size, collate_fn=_collate)
@@ -546,7 +596,7 @@ def pretrain(args: PretrainArguments) -> dict:
         model, optimizer, loader, valid_loader, scheduler
     )
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, checkpoint)
     if args.report_to != "none":
         accelerator.init_trackers("pretrain", config=_tracker_config(args))
 
@@ -557,50 +607,76 @@ def pretrain(args: PretrainArguments) -> dict:
     )
     train_started = time.perf_counter()
     micro_losses: list[torch.Tensor] = []
-    while state.step < args.max_steps:
-        loader.set_epoch(state.epoch)
-        epoch_loader = (
-            accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
-        )
-        for batch in epoch_loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                    scheduler.step()
-                optimizer.zero_grad()
-            state.batches_in_epoch += 1
-            state.tokens_seen += batch["input_ids"].numel() * accelerator.num_processes
-            micro_losses.append(loss.detach())
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            loss_value = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
-            micro_losses = []
-            lr = scheduler.get_last_lr()[0]
-            state.history.append({"step": state.step, "loss": loss_value, "lr": lr})
-            logs = {"train/loss": loss_value, "train/learning_rate": lr}
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
-            if args.eval_steps and state.step % args.eval_steps == 0 and state.step < args.max_steps:
-                valid_loss, _ = evaluate_loss(model, valid_loader, accelerator)
-                state.history[-1]["validation_loss"] = valid_loss
-                logs["eval/loss"] = valid_loss
-                logger.info("step %d: validation loss %.4f", state.step, valid_loss)
-            accelerator.log(logs, step=state.step)
-            if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, data.tokenizer, state, args)
-            if state.step >= args.max_steps:
-                break
-        else:  # the epoch ran out
-            if state.batches_in_epoch == 0:
-                raise ValueError("The training data gave no batch; lower --batch_size or --block_size, or add data.")
-            state.epoch += 1
-            state.batches_in_epoch = 0
-    progress.close()
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and args.nan_policy == "skip":
+        logger.warning("DeepSpeed steps inside backward: a non-finite loss stops the run (as --nan_policy stop)")
+    try:
+        with _StopSignals() as signals:
+            while state.step < args.max_steps:
+                loader.set_epoch(state.epoch)
+                epoch_loader = (
+                    accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+                )
+                for batch in epoch_loader:
+                    with accelerator.accumulate(model):
+                        loss = model(**batch).loss
+                        if deepspeed:
+                            _refuse_nonfinite_loss_before_deepspeed_step(accelerator, loss, state.step + 1, args)
+                        accelerator.backward(loss)
+                        micro_losses.append(loss.detach())
+                        if accelerator.sync_gradients:
+                            outcome = _optimizer_step(
+                                accelerator, model, optimizer, scheduler, micro_losses, signals, args
+                            )
+                    state.batches_in_epoch += 1
+                    state.tokens_seen += batch["input_ids"].numel() * accelerator.num_processes
+                    if not accelerator.sync_gradients:
+                        continue
+                    state.step += 1
+                    micro_losses = []
+                    lr = scheduler.get_last_lr()[0]
+                    entry = {"step": state.step, "loss": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm}
+                    if outcome.skipped:
+                        entry["skipped"] = True
+                    state.history.append(entry)
+                    if outcome.skipped:
+                        _count_skip(state, args, outcome)
+                    logs = {"train/loss": outcome.loss, "train/learning_rate": lr}
+                    if outcome.grad_norm is not None:
+                        logs["train/grad_norm"] = outcome.grad_norm
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{outcome.loss:.3f}", lr=f"{lr:.2e}")
+                    evaluate = args.eval_steps and state.step % args.eval_steps == 0 and state.step < args.max_steps
+                    if evaluate and outcome.stop_signal is None:  # a requested stop saves without evaluating
+                        valid_loss, _ = evaluate_loss(model, valid_loader, accelerator)
+                        state.history[-1]["validation_loss"] = valid_loss
+                        logs["eval/loss"] = valid_loss
+                        logger.info("step %d: validation loss %.4f", state.step, valid_loss)
+                    accelerator.log(logs, step=state.step)
+                    periodic = args.checkpointing_steps and state.step % args.checkpointing_steps == 0
+                    if periodic or outcome.stop_signal is not None:
+                        saved_to = save_checkpoint(accelerator, data.tokenizer, state, args)
+                    if outcome.stop_signal is not None:
+                        stopped = TrainingInterrupted(outcome.stop_signal, state.step, saved_to)
+                        logger.warning("%s", stopped)
+                        raise stopped
+                    if state.step >= args.max_steps:
+                        break
+                else:  # the epoch ran out
+                    if state.batches_in_epoch == 0:
+                        raise ValueError(
+                            "The training data gave no batch; lower --batch_size or --block_size, or add data."
+                        )
+                    state.epoch += 1
+                    state.batches_in_epoch = 0
+            if signals.received:
+                logger.warning("a stop was requested after the last step: finishing the run")
+    except (TrainingInterrupted, NonFiniteLossError):
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        raise
+    finally:
+        progress.close()
     train_runtime = time.perf_counter() - train_started
 
     valid_loss, valid_tokens = evaluate_loss(model, valid_loader, accelerator)
@@ -624,17 +700,22 @@ def pretrain(args: PretrainArguments) -> dict:
         "validation_perplexity": math.exp(valid_loss),
         "validation_tokens": valid_tokens,
         "final_train_loss": state.history[-1]["loss"],
+        "skipped_steps": sum(1 for entry in state.history if entry.get("skipped")),
         "parameters": num_parameters,
+        "architecture": args.architecture,
         "arguments": asdict(args),
         "loss_history": state.history,
     }
     if checkpoint is not None:
         results["resumed_from"] = str(checkpoint)
     accelerator.wait_for_everyone()
-    final = _final_model(accelerator, model, config)
+    final = _final_model(accelerator, model, args.architecture, config)
     if final is not None:
         final.config.use_cache = True
-        write_model_folder(final, data.tokenizer, args.output_dir, results, repo_id=args.output_dir)
+        if args.architecture == "llama":
+            write_baseline_folder(final, data.tokenizer, args.output_dir, results)
+        else:
+            write_model_folder(final, data.tokenizer, args.output_dir, results, repo_id=args.output_dir)
     accelerator.wait_for_everyone()
     # Only the trackers end here: `accelerator.end_training()` would also destroy the process group under the
     # caller's feet, while the prepared model and loaders still hold it (a gloo run then hung at exit now and then).
@@ -645,9 +726,19 @@ def pretrain(args: PretrainArguments) -> dict:
 
 
 __all__ = [
+    "CHECKPOINTS_DIR",
+    "NAN_POLICIES",
+    "PARTIAL_SUFFIX",
+    "RESUME_MUST_MATCH",
+    "STATE_FILE",
+    "TOKENIZER_DIR",
+    "NonFiniteLossError",
     "PretrainArguments",
     "TrainState",
+    "TrainingInterrupted",
+    "UnsafeCheckpointError",
     "build_config",
+    "build_model",
     "check_resumable",
     "config_from_preset",
     "evaluate_loss",

@@ -1,0 +1,359 @@
+"""Resumable, crash-safe checkpoints of the pretraining loop (`sonett.training.pretrain`).
+
+A checkpoint is a folder `output_dir/checkpoints/step_N` holding `accelerator.save_state` (weights, optimizer,
+scheduler, RNG states), the tokenizer and `trainer_state.json` (step, data position, history, every file and its
+size). Guarantees:
+
+- **Atomic.** Everything is written into `step_N.partial`; `trainer_state.json` comes last; every file and folder is
+  fsynced; only then is the folder renamed to `step_N` and the parent folder fsynced. A folder named `step_N` is
+  therefore complete at every instant, even after a SIGKILL or a power loss at any moment of a save. Folders that
+  are replaced or pruned are first renamed to `*.deleting`, then deleted. `--resume_from_checkpoint latest` ignores
+  `.partial` and `.deleting` folders and checks every file's size against `trainer_state.json`.
+- **Safe to load.** Resuming unpickles the optimizer, scheduler and RNG files with `torch.load(weights_only=True)`
+  only (tensors, numbers, strings, containers and numpy arrays), so a checkpoint file cannot run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
+from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from .training import PretrainArguments
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+TOKENIZER_DIR = "tokenizer"
+PARTIAL_SUFFIX = ".partial"  # a checkpoint being written; renamed to step_N when complete
+DELETING_SUFFIX = ".deleting"  # a checkpoint being deleted (renamed first, so no step_N is ever half-deleted)
+CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
+RNG_STATE_FILE = "random_states_{}.pkl"  # accelerate's per-process RNG file
+# Arguments a resumed run must share with the run that saved the checkpoint, or the data order / optimisation differ.
+RESUME_MUST_MATCH = (
+    "architecture",
+    "config",
+    "data_files",
+    "dataset_name",
+    "text_column",
+    "streaming",
+    "shuffle_buffer",
+    "tokenizer",
+    "tokenizer_max_documents",
+    "vocab_size",
+    "block_size",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "gate_lr_multiplier",
+    "weight_decay",
+    "warmup_steps",
+    "max_grad_norm",
+    "validation_fraction",
+    "max_documents",
+    "activation_checkpointing",
+    "seed",
+)
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds a pickled Python object other than plain tensors, numbers and containers."""
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: optimizer steps, the data position, and what it measured so far."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches this process has taken from the current epoch
+    tokens_seen: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def _checkpoint_step(path: Path) -> int:
+    match = CHECKPOINT_NAME.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """The `step_N` folders under `root`, oldest first (`.partial` and `.deleting` folders excluded)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)), key=_checkpoint_step)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The `trainer_state.json` of a complete checkpoint folder.
+
+    Raises ValueError when the folder is half-written: a `.partial` folder an interrupted save left behind, no
+    state file, or a file the state lists that is missing or has another size.
+    """
+    path = Path(path)
+    if path.name.endswith(PARTIAL_SUFFIX):
+        raise ValueError(
+            f"{path} is a half-written checkpoint (a save was interrupted); resume from a complete step_N folder "
+            "and delete this one."
+        )
+    if path.name.endswith(DELETING_SUFFIX):
+        raise ValueError(
+            f"{path} is a checkpoint that was being deleted (pruned or replaced); resume from a complete step_N "
+            "folder and delete this one."
+        )
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise ValueError(
+            f"{path} is not a complete checkpoint: it has no {STATE_FILE} (half-written, or not written by "
+            "sonett.training.pretrain)."
+        )
+    saved = json.loads(state_file.read_text())
+    problems = []
+    for name, size in saved["files"].items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif file.stat().st_size != size:
+            problems.append(f"{name} has {file.stat().st_size} bytes, {size} were written")
+    if problems:
+        raise ValueError(f"Checkpoint {path} is damaged: {'; '.join(problems)}. Resume from another checkpoint.")
+    return saved
+
+
+def resolve_checkpoint(spec: str, root: str | Path) -> Path:
+    """The checkpoint folder `--resume_from_checkpoint spec` names, checked complete.
+
+    Args:
+        spec: `latest` (the newest `step_N` under `root`) or a checkpoint folder.
+        root: the run's checkpoint folder, `output_dir/checkpoints`.
+    """
+    root = Path(root)
+    if spec != "latest":
+        path = Path(spec)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"Checkpoint folder {spec} does not exist; give a step_N folder under an output_dir/checkpoints, "
+                "or `latest`."
+            )
+        read_checkpoint(path)
+        return path
+    checkpoints = list_checkpoints(root)
+    partial = sorted(p.name for p in root.glob(f"*{PARTIAL_SUFFIX}")) if root.is_dir() else []
+    if not checkpoints:
+        found = f"; half-written (interrupted saves): {partial}" if partial else ""
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint latest found no checkpoint in {root}{found}. Save some with "
+            "--checkpointing_steps N, or start without --resume_from_checkpoint."
+        )
+    latest = checkpoints[-1]
+    if partial:
+        logger.warning("ignoring half-written checkpoints %s in %s; resuming from %s", partial, root, latest.name)
+    read_checkpoint(latest)
+    return latest
+
+
+def check_resumable(saved: dict, args: PretrainArguments, num_processes: int) -> None:
+    """Raise unless `args` continue the run that saved `saved`: same data, order and optimisation settings."""
+    before = saved["arguments"]
+    differing = [
+        f"{name} ({before.get(name)!r} -> {getattr(args, name)!r})"
+        for name in RESUME_MUST_MATCH
+        if before.get(name) != getattr(args, name)
+    ]
+    if saved["num_processes"] != num_processes:
+        differing.append(f"number of processes ({saved['num_processes']} -> {num_processes})")
+    if differing:
+        raise ValueError(
+            "The checkpoint was saved by a run with other settings, so resuming would not continue it: "
+            f"{', '.join(differing)}. Resume with the original settings."
+        )
+    if before["max_steps"] != args.max_steps:
+        logger.warning(
+            "max_steps changed from %d to %d: the cosine schedule changes", before["max_steps"], args.max_steps
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Durable writes
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    flags = os.O_RDONLY
+    if path.is_dir():
+        if not hasattr(os, "O_DIRECTORY"):
+            return  # Windows cannot open a folder; its renames are not made durable this way
+        flags |= os.O_DIRECTORY
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder, deepest first, `folder` itself last."""
+    paths = sorted(folder.rglob("*"))
+    for path in paths:
+        if path.is_file():
+            _fsync_path(path)
+    for path in sorted((p for p in paths if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        _fsync_path(path)
+    _fsync_path(folder)
+
+
+def _delete(folder: Path) -> None:
+    """Delete a checkpoint folder: rename it to `*.deleting` first, so a crash never leaves a half-deleted step_N."""
+    doomed = folder.with_name(folder.name + DELETING_SUFFIX)
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    _fsync_path(folder.parent)
+    shutil.rmtree(doomed)
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Rename the complete, fsynced `partial` folder to `final` (replacing an older `final`) and make it durable."""
+    if final.exists():  # left by an earlier run into the same output_dir
+        _delete(final)
+    os.replace(partial, final)
+    _fsync_path(final.parent)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Delete the `.partial` and `.deleting` folders that interrupted saves and deletions left in `root`."""
+    for leftover in sorted(root.glob(f"*{PARTIAL_SUFFIX}")) + sorted(root.glob(f"*{DELETING_SUFFIX}")):
+        logger.info("removing %s, left by an interrupted save", leftover)
+        shutil.rmtree(leftover)
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    tokenizer: PreTrainedTokenizerBase,
+    state: TrainState,
+    args: PretrainArguments,
+) -> Path:
+    """Save a resumable checkpoint to `output_dir/checkpoints/step_N`, atomically and durably; prune old ones.
+
+    Every process writes into `step_N.partial` (`accelerator.save_state`: weights, optimizer, scheduler, RNG
+    states); the main process adds the tokenizer, fsyncs every file, writes `trainer_state.json` (which lists every
+    file and its size) last, fsyncs it and the folders, and renames the folder to `step_N`. Then only the newest
+    `checkpoints_total_limit` checkpoints are kept. The checkpoint folder must lie on a file system all processes
+    share.
+    """
+    root = Path(args.output_dir) / CHECKPOINTS_DIR
+    final = root / f"step_{state.step}"
+    partial = root / f"step_{state.step}{PARTIAL_SUFFIX}"
+    if accelerator.is_main_process:
+        if not root.is_dir():
+            root.mkdir(parents=True)
+            _fsync_path(root.parent)
+        _remove_leftovers(root)
+        partial.mkdir()
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(partial / TOKENIZER_DIR)
+        files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+        saved = {**asdict(state), "num_processes": accelerator.num_processes, "arguments": asdict(args), "files": files}
+        with open(partial / STATE_FILE, "w") as handle:
+            handle.write(json.dumps(saved, indent=1) + "\n")
+        _fsync_tree(partial)
+        _publish(partial, final)
+        if args.checkpoints_total_limit is not None:
+            for old in list_checkpoints(root)[: -args.checkpoints_total_limit]:
+                _delete(old)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safe loading
+
+
+@contextlib.contextmanager
+def weights_only_torch_load() -> Iterator[None]:
+    """Within the block, every `torch.load` call uses `weights_only=True` (torch's restricted unpickler).
+
+    A call that asks for `weights_only=False` (a library code path that wants full unpickling) is refused with
+    `UnsafeCheckpointError`; a file holding other objects fails with `UnsafeCheckpointError` naming the file.
+    """
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        if kwargs.get("weights_only") is False:
+            raise UnsafeCheckpointError(
+                f"Refusing to unpickle {f} with torch.load(weights_only=False), which can run code stored in the "
+                "file. Resume only from checkpoints that sonett.training.pretrain wrote with its own backend "
+                "(DDP, FSDP); report the code path that asked for it."
+            )
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as error:
+            lines = str(error).splitlines()
+            reason = next((line for line in lines if "Unpickler error" in line), lines[0] if lines else "")
+            raise UnsafeCheckpointError(
+                f"{f} holds pickled Python objects other than tensors, numbers, strings and containers, so it is "
+                "not loaded (it could run code). Delete this checkpoint if you did not write it yourself, and "
+                "resume from another one; if it comes from another library version, resume with the versions "
+                f"in constraints.txt. torch said: {reason.strip()}"
+            ) from error
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> None:
+    """Load `accelerator.save_state`'s files of checkpoint `path` into the prepared objects, unpickling safely.
+
+    Every unpickled file goes through `torch.load(weights_only=True)`. accelerate would skip an RNG file it cannot
+    load with only an INFO log (the resumed run would then silently differ); it is checked first here.
+    """
+    path = Path(path)
+    rng_file = path / RNG_STATE_FILE.format(accelerator.process_index)
+    with weights_only_torch_load():
+        if not rng_file.is_file():
+            raise FileNotFoundError(
+                f"{rng_file} is missing, so the resumed run could not continue the random streams; resume from a "
+                "checkpoint saved with the same number of processes."
+            )
+        accelerate_load(rng_file)  # raises UnsafeCheckpointError instead of accelerate's silent skip
+        accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "PARTIAL_SUFFIX",
+    "RESUME_MUST_MATCH",
+    "STATE_FILE",
+    "TOKENIZER_DIR",
+    "TrainState",
+    "UnsafeCheckpointError",
+    "check_resumable",
+    "list_checkpoints",
+    "load_checkpoint",
+    "read_checkpoint",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "weights_only_torch_load",
+]
