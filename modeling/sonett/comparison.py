@@ -269,13 +269,13 @@ class PasskeyArguments:
     )
     train_length: int = field(default=512, metadata={"help": "prompt tokens in training (at most 2k)"})
     min_train_length: int | None = field(
-        default=None,
+        default=128,
         metadata={"help": "draw each batch's length uniformly from [this, train_length] (default: fixed)"},
     )
     label_repeat: bool = field(
         default=True, metadata={"help": "also train on the key's second mention inside the needle (a nearby copy)"}
     )
-    batch_size: int = 16
+    batch_size: int = 8
     steps: int = 600
     learning_rate: float = 3e-3
     warmup_steps: int = 50
