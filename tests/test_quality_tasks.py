@@ -316,10 +316,18 @@ def test_compare_passkey_trains_both_models_and_sweeps_every_length_and_depth(to
     )
     gates = results["sonett"]["memory_gates"]
     assert len(gates) == 2 and all(len(heads) == 4 for heads in gates.values())  # two memory layers, 4 heads
-    # a pretrained start: the saved Sonett continues from its weights
+    # a pretrained start: the saved Sonett continues from its weights. At a vanishing learning rate they stay put;
+    # a fresh init of the same seed differs from them by the first run's two warmup Adam steps (about 6e-5).
+    from safetensors.torch import load_file
+
     args.sonett_model, args.models = str(tmp_path / "sonett"), ["sonett"]
+    args.output_dir, args.learning_rate = str(tmp_path / "again"), 1e-12
     again = compare_passkey(args, tokenizer)
     assert again["sonett"]["started_from"] == str(tmp_path / "sonett")
+    before = load_file(tmp_path / "sonett" / "model.safetensors")
+    after = load_file(tmp_path / "again" / "sonett" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert max(float((before[k] - after[k]).abs().max()) for k in before) < 1e-6
     with pytest.raises(ValueError, match="train_length is at most 2048"):
         PasskeyArguments(train_length=4096)
 
