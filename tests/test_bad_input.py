@@ -341,8 +341,8 @@ INVALID_FIELDS = {
     "window": ({"sliding_window": 1}, r"sliding_window must be >= 2"),
     "pad-id": ({"pad_token_id": VOCAB}, rf"pad_token_id = {VOCAB} lies outside the vocabulary.*set it to a token id"),
     "rope-type": (
-        {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
-        r"rope_type 'dynamic' .* is not supported; use one of",
+        {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 2.0}},
+        r"rope_type 'longrope' .* is not supported; use one of",
     ),
     "feature-map": ({"linear_feature_map": "relu"}, r"linear_feature_map = 'relu'; choose from"),
     "hierarchy": (

@@ -121,7 +121,7 @@ def test_round_trip_of_defaults(tmp_path):
         ({"vocab_size": 100, "bos_token_id": -1}, "bos_token_id"),
         ({"vocab_size": 100, "eos_token_id": 250}, "eos_token_id"),
         ({"vocab_size": 100, "eos_token_id": [2, 100]}, "eos_token_id"),
-        ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}, "rope_type"),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}}, "rope_type"),
         (
             {
                 "rope_parameters": {
@@ -150,7 +150,7 @@ def test_round_trip_of_defaults(tmp_path):
         "bos-id-negative",
         "eos-id-too-large",
         "eos-list-id-too-large",
-        "rope-type-dynamic",
+        "rope-type-longrope",
         "rope-type-nested-longrope",
         "vocab-zero",
         "hidden-zero",
@@ -166,7 +166,7 @@ def test_full_attention_only_needs_no_window():
     assert config.sliding_window is None
 
 
-@pytest.mark.parametrize("rope_type", ["linear", "yarn", "llama3"])
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn", "llama3"])
 def test_supported_scaled_rope_types_are_accepted(rope_type):
     params = {"rope_type": rope_type, "rope_theta": 1e4, "factor": 2.0}
     if rope_type == "llama3":

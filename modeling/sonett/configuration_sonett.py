@@ -6,7 +6,9 @@ built, which attention mask it receives and which cache-layer class holds its de
 
 from __future__ import annotations
 
+import copy
 import numbers
+from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -19,8 +21,11 @@ LAYER_KINDS: tuple[str, ...] = ("full_attention", "sliding_attention", "linear_a
 ROPE_KINDS: tuple[str, ...] = ("full_attention", "sliding_attention", "memory_attention")
 LINEAR_FEATURE_MAPS: tuple[str, ...] = ("taylor", "elu", "identity")
 MEMORY_UPDATES: tuple[str, ...] = ("linear", "delta")
-# RoPE types whose inverse frequencies are fixed at init (the dynamic kinds rescale at run time; not supported).
-SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "yarn", "llama3")
+# RoPE types Sonett computes, all with transformers' initialisers (`dynamic` rescales at run time past
+# max_position_embeddings, as transformers' `dynamic_rope_update` does).
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "yarn", "llama3")
+# RoPE types whose initialiser reads the pretraining length from `original_max_position_embeddings`.
+ROPE_TYPES_WITH_ORIGINAL_LENGTH: tuple[str, ...] = ("yarn", "llama3")
 HIERARCHY_POOLINGS: tuple[str, ...] = ("linear", "mean")
 HIERARCHY_UPSAMPLINGS: tuple[str, ...] = ("repeat", "linear")
 HIERARCHY_KEYS: tuple[str, ...] = ("shorten_factor", "start_layer", "end_layer", "pooling", "upsampling")
@@ -127,6 +132,22 @@ class SonettVisionConfig(PreTrainedConfig):
             )
 
 
+class SetSubConfigs:
+    """`sub_configs` as transformers' walkers read it: on the class every declared sub-config (as
+    `PreTrainedConfig.sub_configs`), on an instance only the sub-configs that are set.
+
+    `vision_config` is optional (`SubConfigSpec(optional=True)`) and None in a text-only config. transformers'
+    library walkers skip a None sub-config, but code that walks `config.sub_configs` and reads each entry (the common
+    model tests' RoPE and output helpers, for one) would meet None; an instance names only what it holds.
+    """
+
+    def __get__(self, instance: PreTrainedConfig | None, owner: type[PreTrainedConfig]) -> dict[str, type]:
+        declared = {key: spec.config_class for key, spec in owner.sub_configs_defaults.items()}
+        if instance is None:
+            return declared
+        return {key: cls for key, cls in declared.items() if getattr(instance, key, None) is not None}
+
+
 @strict
 class SonettConfig(PreTrainedConfig):
     r"""Configuration of a Sonett decoder.
@@ -187,6 +208,9 @@ class SonettConfig(PreTrainedConfig):
 
     model_type = "sonett"
     sub_configs_defaults = {"vision_config": SubConfigSpec(SonettVisionConfig, optional=True)}
+    sub_configs = SetSubConfigs()
+    # transformers' RoPE helpers read a dict keyed by these names as one entry per kind (not only kinds in use).
+    _rope_type_labels = ROPE_KINDS
     keys_to_ignore_at_inference = ["cache"]
     default_theta = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0, "memory_attention": 10_000.0}
     base_model_tp_plan = {
@@ -275,21 +299,142 @@ class SonettConfig(PreTrainedConfig):
         return config_dict, kwargs
 
     def convert_rope_params_to_dict(self, **kwargs):
-        """Default to one RoPE dict per softmax layer kind, each with its own base (Gemma 3 style)."""
+        """Bring `rope_parameters` to its standard form, then let transformers standardise it.
+
+        None gives every RoPE kind of `layer_types` its own entry with its default base (Gemma 3 style). A flat dict
+        applies to every RoPE kind; without `rope_theta` it becomes one entry per kind, each with the kind's
+        default base. A per-kind dict gets the default entry for each RoPE kind of `layer_types` it leaves out.
+        The legacy `rope_scaling` and `rope_theta` keys of older config.json files are read as transformers does.
+        """
         rope_theta = kwargs.pop("rope_theta", None)
-        if self.rope_parameters is None:
-            kinds = [kind for kind in ROPE_KINDS if kind in self.layer_types]
-            self.rope_parameters = {
-                kind: {"rope_type": "default", "rope_theta": rope_theta or self.default_theta[kind]} for kind in kinds
-            } or {"rope_type": "default", "rope_theta": rope_theta or self.default_theta["sliding_attention"]}
-        elif rope_theta is not None:
-            kwargs["rope_theta"] = rope_theta
+        params = copy.deepcopy(kwargs.pop("rope_scaling", None) or self.rope_parameters)
+        kinds = [kind for kind in ROPE_KINDS if kind in self.layer_types]
+
+        def default(kind: str) -> dict:
+            return {"rope_type": "default", "rope_theta": rope_theta or self.default_theta[kind]}
+
+        if params is None:
+            params = {kind: default(kind) for kind in kinds} or default("sliding_attention")
+        elif self._check_rope_layout(params):
+            params = {**{kind: default(kind) for kind in kinds}, **params}
+            for kind, entry in params.items():
+                entry.setdefault("rope_theta", rope_theta or self.default_theta[kind])
+        elif "rope_theta" not in params and rope_theta is None and kinds:
+            params = {kind: {**params, "rope_theta": self.default_theta[kind]} for kind in kinds}
+        else:
+            params.setdefault("rope_theta", rope_theta or self.default_theta["sliding_attention"])
+        self.rope_parameters = params
         return super().convert_rope_params_to_dict(**kwargs)
 
     def rope_parameters_for(self, kind: str) -> dict:
         """RoPE settings of one layer kind (the nested entry if there is one, else the flat dict)."""
         params = self.rope_parameters or {}
         return params[kind] if isinstance(params.get(kind), dict) else params
+
+    def rope_max_positions(self, kind: str = "full_attention") -> int:
+        """Positions the RoPE of one layer kind is set up to reach.
+
+        `max_position_embeddings` for unscaled RoPE. A scaled RoPE (`linear`, `dynamic`, `yarn`, `llama3`) reaches
+        `factor` times the pretraining length, which is `original_max_position_embeddings` for `yarn` and `llama3`
+        (the initialisers read it there; it defaults to `max_position_embeddings`) and `max_position_embeddings`
+        for `linear` and `dynamic`; the larger of that and `max_position_embeddings` counts.
+        """
+        params = self.rope_parameters_for(kind)
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "default":
+            return self.max_position_embeddings
+        pretrained = self.max_position_embeddings
+        if rope_type in ROPE_TYPES_WITH_ORIGINAL_LENGTH:
+            pretrained = params.get("original_max_position_embeddings", pretrained)
+        return max(self.max_position_embeddings, int(params["factor"] * pretrained))
+
+    def _check_rope_layout(self, params: Any) -> bool:
+        """Refuse a `rope_parameters` that is neither one flat dict nor one dict per RoPE kind; True if per kind."""
+        if not isinstance(params, dict):
+            raise ValueError(
+                f"SonettConfig.rope_parameters must be a dict (one flat dict for every RoPE kind, or one dict per "
+                f"kind such as {{'full_attention': {{...}}}}) or None, got {params!r}."
+            )
+        kind_keys = sorted(key for key in params if key in LAYER_KINDS)
+        if not kind_keys:
+            return False
+        without_rope = [key for key in kind_keys if key not in ROPE_KINDS]
+        if without_rope:
+            raise ValueError(
+                f"SonettConfig.rope_parameters has an entry for {without_rope}, but {', '.join(without_rope)} "
+                f"layers use no RoPE; drop it (RoPE kinds: {list(ROPE_KINDS)})."
+            )
+        flat_keys = sorted(key for key in params if key not in LAYER_KINDS)
+        if flat_keys:
+            raise ValueError(
+                f"SonettConfig.rope_parameters mixes per-kind entries {kind_keys} with flat keys {flat_keys}; give "
+                "either one flat dict (it applies to every RoPE kind) or only per-kind entries, e.g. "
+                "{'full_attention': {'rope_type': 'yarn', 'factor': 4.0, ...}, 'sliding_attention': {...}}."
+            )
+        for key in kind_keys:
+            if not isinstance(params[key], dict):
+                raise ValueError(
+                    f"SonettConfig.rope_parameters['{key}'] must be a dict like {{'rope_type': 'default', "
+                    f"'rope_theta': 10000.0}}, got {params[key]!r}."
+                )
+        return True
+
+    def check_rope_parameters(self) -> None:
+        """Raise a ValueError naming the field for RoPE settings Sonett cannot run as transformers would.
+
+        Runs at construction, on save and when a model is built (so edits after construction are checked too).
+        """
+        nested = self._check_rope_layout(self.rope_parameters or {})
+        for kind in [kind for kind in ROPE_KINDS if kind in self.layer_types]:
+            where = f"SonettConfig.rope_parameters['{kind}']" if nested else "SonettConfig.rope_parameters"
+            if nested and kind not in self.rope_parameters:
+                raise ValueError(f"{where} is missing: give every RoPE kind of layer_types its own entry.")
+            self._check_rope_entry(where, kind, self.rope_parameters_for(kind))
+
+    def _check_rope_entry(self, where: str, kind: str, params: dict) -> None:
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"{where}: rope_type {rope_type!r} (layer kind {kind!r}) is not supported; use one of "
+                f"{list(SUPPORTED_ROPE_TYPES)}."
+            )
+
+        def number(key: str, low: float | None = None, above: bool = False) -> None:
+            """A real number (not a bool), >= low (> low with `above`); a missing key is left to transformers."""
+            value = params.get(key)
+            if value is None:
+                return
+            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not real or (low is not None and (value <= low if above else value < low)):
+                need = "a number" if low is None else "a positive number" if above else f"a number >= {low:g}"
+                raise ValueError(f"{where}: {key} must be {need}, got {value!r}.")
+
+        number("rope_theta", 0.0, above=True)
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(
+                f"{where}: partial_rotary_factor {params['partial_rotary_factor']!r} is not supported; Sonett rotates "
+                "the whole head (drop the key or set it to 1.0)."
+            )
+        if rope_type != "default":
+            number("factor", 1.0)
+        original = params.get("original_max_position_embeddings")
+        if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original < 1):
+            raise ValueError(f"{where}: original_max_position_embeddings must be a positive integer, got {original!r}.")
+        for key in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            number(key)
+        number("attention_factor", 0.0)
+        low, high = params.get("low_freq_factor"), params.get("high_freq_factor")
+        if rope_type == "llama3" and low is not None and high is not None and high <= low:
+            raise ValueError(
+                f"{where}: high_freq_factor ({high}) must be greater than low_freq_factor ({low}) for rope_type "
+                "'llama3'."
+            )
+        # transformers' own check of the keys each type needs (it raises KeyError; unknown keys only get a warning)
+        validate = getattr(self, f"_validate_{rope_type}_rope_parameters")
+        try:
+            validate({"rope_type": rope_type, **params}, ignore_keys=self.ignore_keys_at_rope_validation)
+        except KeyError as error:
+            raise ValueError(f"{where}: {error.args[0]}.") from None
 
     def _check_integer_fields(self) -> None:
         """Integers first, so a quoted number in config.json ("512") is named instead of failing in arithmetic."""
@@ -337,13 +482,7 @@ class SonettConfig(PreTrainedConfig):
         self._check_mixer_settings()
         self._check_hierarchy()
         self._check_vision()
-        for kind in set(self.layer_types) & set(ROPE_KINDS):
-            rope_type = self.rope_parameters_for(kind).get("rope_type", "default")
-            if rope_type not in SUPPORTED_ROPE_TYPES:
-                raise ValueError(
-                    f"SonettConfig.rope_parameters: rope_type {rope_type!r} (layer kind {kind!r}) is not "
-                    f"supported; use one of {list(SUPPORTED_ROPE_TYPES)}."
-                )
+        self.check_rope_parameters()
         eos_ids = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
         special_ids = {
             "pad_token_id": [self.pad_token_id],

@@ -46,29 +46,43 @@ class SonettMLP(nn.Module):
 
 
 class SonettRotaryEmbedding(nn.Module):
-    """Cos/sin tables for RoPE, one set of inverse frequencies per softmax layer kind.
+    """Cos/sin tables for RoPE, one set of inverse frequencies per RoPE layer kind.
 
-    Each kind reads its own entry of `config.rope_parameters` (its own base, as in Gemma 3); scaled RoPE types
-    (`linear`, `yarn`, `llama3`) reuse transformers' initialisers.
+    Each kind reads its own entry of `config.rope_parameters` (its own base, as in Gemma 3), or the flat dict that
+    applies to every kind. Scaled RoPE types (`linear`, `dynamic`, `yarn`, `llama3`) use transformers' initialisers
+    (`ROPE_INIT_FUNCTIONS`), so the frequencies are exactly transformers'. A `dynamic` kind is recomputed in each
+    call from the call's longest position, as transformers' `dynamic_rope_update` does (unchanged up to
+    `max_position_embeddings`); unlike transformers it keeps no state between calls, so a call after a longer one
+    gets the frequencies of its own length (transformers keeps the longer call's until a call ends below
+    `max_position_embeddings`). Like transformers, the keys cached before a rescale keep their old rotation.
     """
 
     def __init__(self, config: SonettConfig, kinds: list[str], device: torch.device | None = None) -> None:
         super().__init__()
+        config.check_rope_parameters()  # also catches edits made to config.rope_parameters after construction
         self.config = config
         self.kinds = sorted(set(kinds))
+        self.rope_type = {kind: config.rope_parameters_for(kind).get("rope_type", "default") for kind in self.kinds}
         self.attention_scaling: dict[str, float] = {}
         for kind in self.kinds:
             inv_freq, self.attention_scaling[kind] = self.compute_inv_freq(kind, device)
             self.register_buffer(f"{kind}_inv_freq", inv_freq, persistent=False)
             self.register_buffer(f"{kind}_original_inv_freq", inv_freq.clone(), persistent=False)
 
-    def compute_inv_freq(self, kind: str, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
-        """Inverse frequencies `(head_dim / 2,)` and the attention scaling of one layer kind."""
+    def compute_inv_freq(
+        self, kind: str, device: torch.device | None = None, seq_len: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies `(head_dim / 2,)` and the attention scaling of one layer kind.
+
+        `seq_len` (a 0-d tensor) is the sequence length a `dynamic` kind rescales to; None gives the frequencies
+        at init (those up to `max_position_embeddings`).
+        """
         params = self.config.rope_parameters_for(kind)
         rope_type = params.get("rope_type", "default")
         if rope_type != "default":
             nested = isinstance((self.config.rope_parameters or {}).get(kind), dict)
-            return ROPE_INIT_FUNCTIONS[rope_type](self.config, device, layer_type=kind if nested else None)
+            layer_type = kind if nested else None
+            return ROPE_INIT_FUNCTIONS[rope_type](self.config, device, seq_len=seq_len, layer_type=layer_type)
         dim = self.config.head_dim
         exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
         return 1.0 / (params["rope_theta"] ** exponents), 1.0
@@ -78,7 +92,11 @@ class SonettRotaryEmbedding(nn.Module):
         self, hidden_states: torch.Tensor, position_ids: torch.Tensor, kind: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: `(batch, seq)` -> `(cos, sin)`, each `(batch, seq, head_dim)` in `hidden_states.dtype`."""
-        inv_freq = getattr(self, f"{kind}_inv_freq")
+        if self.rope_type[kind] == "dynamic":
+            # As transformers' `dynamic_rope_update`: rescale for the longest position (a tensor: no host sync).
+            inv_freq, _ = self.compute_inv_freq(kind, hidden_states.device, seq_len=position_ids.max() + 1)
+        else:
+            inv_freq = getattr(self, f"{kind}_inv_freq")
         freqs = position_ids[..., None].float() * inv_freq.to(device=hidden_states.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
         scaling = self.attention_scaling[kind]

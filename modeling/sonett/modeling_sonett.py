@@ -241,31 +241,40 @@ def check_local_weights(folder: str, has_config: bool = False, use_safetensors: 
 def full_attention_token_limit(config: SonettConfig) -> int | None:
     """Longest sequence (in tokens) the `full_attention` layers take, or None without such layers.
 
-    It is `max_position_embeddings`, times the hierarchy's `shorten_factor` when every full_attention layer runs on
-    the shortened sequence (shortened token j ends at position j * k). Sliding, linear and memory layers have no limit.
+    It is the positions their RoPE is set up for (`config.rope_max_positions`: `max_position_embeddings`, or more
+    with a RoPE scaling), times the hierarchy's `shorten_factor` when every full_attention layer runs on the
+    shortened sequence (shortened token j ends at position j * k). Sliding, linear and memory layers have no limit.
     """
     full = [i for i, kind in enumerate(config.layer_types) if kind == "full_attention"]
     if not full:
         return None
     span = config.hierarchy_span()
+    positions = config.rope_max_positions("full_attention")
     if all(i in span for i in full):
-        return config.max_position_embeddings * config.hierarchy["shorten_factor"]
-    return config.max_position_embeddings
+        return positions * config.hierarchy["shorten_factor"]
+    return positions
 
 
 def position_limit_fix(config: SonettConfig, limit: int) -> str:
     """What the length error tells the user to do."""
-    scaled = (
-        f", times shorten_factor {config.hierarchy['shorten_factor']}"
-        if limit != config.max_position_embeddings
-        else ""
-    )
+    params = config.rope_parameters_for("full_attention")
+    rope_type = params.get("rope_type", "default")
+    scaled = ""
+    if config.rope_max_positions("full_attention") != config.max_position_embeddings:
+        pretrained = "max_position_embeddings"
+        if "original_max_position_embeddings" in params and rope_type in ("yarn", "llama3"):
+            pretrained = f"original_max_position_embeddings {params['original_max_position_embeddings']}"
+        scaled = f", extended by RoPE rope_type '{rope_type}' to factor {params['factor']} x {pretrained}"
+    if limit != config.rope_max_positions("full_attention"):
+        scaled += f", times shorten_factor {config.hierarchy['shorten_factor']}"
     return (
         f"this model's full_attention layers take at most {limit} positions (max_position_embeddings="
         f"{config.max_position_embeddings}{scaled}); beyond that RoPE meets positions it was never trained on. Shorten "
         "the input (keep its last tokens), use a preset without full_attention layers (sliding, linear and memory "
-        "layers have no length limit, e.g. configuration/sonett-tiny-constant.json), or raise "
-        "max_position_embeddings together with a RoPE scaling (rope_parameters with rope_type 'yarn' or 'linear')."
+        "layers have no length limit, e.g. configuration/sonett-tiny-constant.json), or extend the context with a "
+        "RoPE scaling for full_attention (rope_parameters with rope_type 'yarn' or 'linear', or 'dynamic' or "
+        "'llama3', and a factor): the limit becomes factor x the pretraining length (original_max_position_embeddings "
+        "for yarn and llama3, else max_position_embeddings), or max_position_embeddings if that is larger."
     )
 
 
