@@ -461,25 +461,13 @@ def test_output_attentions_with_eager(mix):
             assert float(weights[..., -1, 0].min()) > 0.0
 
 
-def test_no_split_modules_and_parallel_plans():
+def test_no_split_modules_and_no_untested_parallel_plans():
     model = tiny_model("mixed")
     assert "SonettDecoderLayer" in model._no_split_modules
     assert SonettDecoderLayer.__name__ == "SonettDecoderLayer"
-    plan = model.tp_plan
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        assert f"model.layers.*.mixer.{name}" in plan
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        assert f"model.layers.*.mlp.{name}" in plan
-    assert plan["model.layers.*.mixer.q_proj"] == "colwise"
-    assert plan["model.layers.*.mixer.o_proj"] == "rowwise"
-    assert plan["model.layers.*.mlp.down_proj"] == "rowwise"
-    assert "lm_head" in plan
-    assert "lm_head" in model.pp_plan
-    # every plan entry names real modules
-    module_names = {name for name, _ in model.named_modules()}
-    for pattern in plan:
-        prefix = pattern.replace(".*.", ".0.")
-        assert prefix in module_names, pattern
+    # No tensor- or pipeline-parallel plan is shipped: none is tested (issue 14, item 8).
+    assert model.tp_plan == {}
+    assert model.pp_plan == {}
 
 
 @mixes

@@ -213,20 +213,6 @@ class SonettConfig(PreTrainedConfig):
     _rope_type_labels = ROPE_KINDS
     keys_to_ignore_at_inference = ["cache"]
     default_theta = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0, "memory_attention": 10_000.0}
-    base_model_tp_plan = {
-        "layers.*.mixer.q_proj": "colwise",
-        "layers.*.mixer.k_proj": "colwise",
-        "layers.*.mixer.v_proj": "colwise",
-        "layers.*.mixer.o_proj": "rowwise",
-        "layers.*.mlp.gate_proj": "colwise",
-        "layers.*.mlp.up_proj": "colwise",
-        "layers.*.mlp.down_proj": "rowwise",
-    }
-    base_model_pp_plan = {
-        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
-        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
-        "norm": (["hidden_states"], ["hidden_states"]),
-    }
 
     vocab_size: int = 32000
     hidden_size: int = 512

@@ -10,17 +10,23 @@ positions and cache state.
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import os
+from contextlib import contextmanager
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, resolve_hidden_states_indices, selected_hidden_states
 
 from .attention_sonett import SonettAttention
 from .cache_sonett import SonettCache
@@ -39,6 +45,11 @@ MIXER_CLASSES: dict[str, type[nn.Module]] = {
     "linear_attention": SonettLinearAttention,
     "memory_attention": SonettMemoryAttention,
 }
+
+# Layer kinds whose cache state cannot be rolled back to an earlier token (assisted decoding needs that).
+UNCROPPABLE_KINDS = ("linear_attention", "memory_attention")
+
+logger = logging.getLogger(__name__)
 
 
 class SonettDecoderLayer(GradientCheckpointingLayer):
@@ -82,11 +93,24 @@ class SonettPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["SonettDecoderLayer"]
     _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_flash_attn = True
+    _supports_flex_attn = True  # tests/test_modeling.py runs flex_attention on CPU
+    _supports_flash_attn = False  # untested: no flash-attn kernel where the tests run
     _supports_attention_backend = False
     _can_compile_fullgraph = False
-    _is_stateful = False
+    # Class default; each instance says whether its layers can be cropped (see `uncroppable_parts`).
+    _is_stateful = True
+    # What transformers' output capturing (`capture_outputs`, `OutputRecorder`) hooks: each decoder layer's output
+    # hidden states, and the attention maps of the softmax mixers (full, sliding and the local part of memory layers).
+    # Sonett's own forward records them itself (`_Recorder`): it reassembles the shortened states of hierarchy layers
+    # and keeps a None per layer without a map, so `attentions` lines up with `layer_types`.
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(SonettDecoderLayer, index=0),
+        "attentions": OutputRecorder(SonettAttention, index=1),
+    }
+
+    def __init__(self, config: SonettConfig, *inputs, **kwargs) -> None:
+        super().__init__(config, *inputs, **kwargs)
+        self._is_stateful = bool(uncroppable_parts(config))
 
     # Every head a Sonett folder exposes through remote code.
     auto_map_heads = {
@@ -167,7 +191,7 @@ class SonettPreTrainedModel(PreTrainedModel):
                 "with another config (e.g. another hidden_size); load them with the config.json saved next to them "
                 "(no config= or size overrides), or pass ignore_mismatched_sizes=True to re-initialise those tensors."
             )
-        missing = sorted(info["missing_keys"])
+        missing = model.truly_missing_weights(info["missing_keys"])
         if missing and not allow_missing_weights:
             raise ValueError(
                 f"The checkpoint in {where} lacks {len(missing)} weights the model needs: "
@@ -177,6 +201,23 @@ class SonettPreTrainedModel(PreTrainedModel):
                 "weights yourself."
             )
         return (model, info) if want_info else model
+
+    def truly_missing_weights(self, missing_keys: set[str]) -> list[str]:
+        """The missing weights (as transformers reports them after its key renaming, prefix handling, tying and
+        `_keys_to_ignore_on_load_missing`) that make a loaded model wrong, sorted.
+
+        A missing weight of the body (the base model under `base_model_prefix`) is always wrong. A missing weight of
+        this class's own head (outside the body) is wrong only when the checkpoint was saved by this same class
+        (`config.architectures` names it), so the head should be there; from another class (a `SonettModel` or
+        `SonettForCausalLM` checkpoint loaded into a new head) the head is new, and transformers reports it as newly
+        initialised.
+        """
+        missing = sorted(missing_keys)
+        saved_by = self.config.architectures
+        if self.base_model is self or not saved_by or type(self).__name__ in saved_by:
+            return missing  # (no `architectures`: the saving class is unknown, so nothing may be missing)
+        body = f"{self.base_model_prefix}."
+        return [name for name in missing if name.startswith(body)]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as usual, with an `auto_map` that exposes every Sonett head through remote code."""
@@ -236,6 +277,19 @@ def check_local_weights(folder: str, has_config: bool = False, use_safetensors: 
                 f"({', '.join(missing)}): the save or download was interrupted. Save the model again with "
                 "model.save_pretrained(folder), or copy or download the complete folder."
             )
+
+
+def uncroppable_parts(config: SonettConfig) -> list[str]:
+    """The parts of a model whose cache state cannot be rolled back to an earlier token, e.g.
+    `["linear_attention (layers 1, 3)", "hierarchy"]`; empty when every layer is full or sliding attention."""
+    parts = []
+    for kind in UNCROPPABLE_KINDS:
+        layers = [str(i) for i, layer_kind in enumerate(config.layer_types) if layer_kind == kind]
+        if layers:
+            parts.append(f"{kind} (layer{'s' if len(layers) > 1 else ''} {', '.join(layers)})")
+    if config.hierarchy:
+        parts.append("a hierarchy (its shortened layers have already consumed the tokens)")
+    return parts
 
 
 def full_attention_token_limit(config: SonettConfig) -> int | None:
@@ -455,6 +509,7 @@ class SonettModel(SonettPreTrainedModel):
         self.embed_tokens = value
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -464,7 +519,7 @@ class SonettModel(SonettPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         image_tokens: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         cross_attention_mask: torch.Tensor | None = None,
@@ -481,6 +536,16 @@ class SonettModel(SonettPreTrainedModel):
             cache: a `SonettCache` holding the state of earlier tokens; created when `use_cache` and None.
             inputs_embeds: `(batch, seq, hidden_size)` instead of `input_ids`.
             use_cache: return the updated cache (defaults to `config.use_cache` at inference, False in training).
+            output_attentions: also return each layer's attention probabilities `(batch, heads, seq, past + seq)`:
+                the softmax maps of `full_attention` and `sliding_attention` layers, and of the local window of
+                `memory_attention` layers (their memory read has no map); None for `linear_attention` layers, which
+                have no attention map. Under a backend that cannot return maps (sdpa, flex_attention, kernels) this
+                call runs on eager attention, as transformers does for `output_attentions`.
+            output_hidden_states: also return the input of every layer plus the final normed state, `num_layers + 1`
+                tensors `(batch, seq, hidden_size)` (layers of a hierarchy span: their shortened inputs); an index
+                or a list of indices (negative ones count from the end) keeps only those and gives None elsewhere.
+            return_dict: False returns a plain tuple (`ModelOutput.to_tuple()`, None entries dropped); defaults to
+                `config.use_return_dict`.
             image_tokens: `(batch, images, tokens per image, hidden_size)` projected visual tokens for the
                 cross-attention blocks (from `SonettForConditionalGeneration`); kept in the cache for decoding.
             image_mask: `(batch, images)`, 1 for a real image and 0 for a padding slot.
@@ -488,10 +553,31 @@ class SonettModel(SonettPreTrainedModel):
                 derived from the image markers in `input_ids` when None.
 
         Returns:
-            `BaseModelOutputWithPast` with `last_hidden_state` `(batch, seq, hidden_size)` and `cache`.
+            `BaseModelOutputWithPast` with `last_hidden_state` `(batch, seq, hidden_size)`, `cache`, and
+            `hidden_states` and `attentions` (one entry per layer) when requested.
         """
         output_attentions = bool(output_attentions or self.config.output_attentions)
-        output_hidden_states = bool(output_hidden_states or self.config.output_hidden_states)
+        if output_attentions and self.config._attn_implementation != "eager":
+            with self._eager_attention():  # only eager returns the maps; the same body, without the decorators
+                return inspect.unwrap(SonettModel.forward)(
+                    self,
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    cache=cache,
+                    inputs_embeds=inputs_embeds,
+                    use_cache=use_cache,
+                    output_attentions=True,
+                    output_hidden_states=output_hidden_states,
+                    image_tokens=image_tokens,
+                    image_mask=image_mask,
+                    cross_attention_mask=cross_attention_mask,
+                    **kwargs,
+                )
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        selected = selected_hidden_states(output_hidden_states)
+        output_hidden_states = selected is not None or bool(output_hidden_states)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
@@ -532,12 +618,31 @@ class SonettModel(SonettPreTrainedModel):
             hidden_states = self._run_hourglass(hidden_states, attention_mask, position_ids, cache, record, kwargs)
             hidden_states = self._run_layers(after, hidden_states, masks, rope, cache, record, kwargs, images=images)
         hidden_states = self.norm(hidden_states)
+        all_hidden_states = record.hidden_states(hidden_states)
+        if selected is not None:
+            keep = resolve_hidden_states_indices(self, selected, num_hidden_states=len(all_hidden_states))
+            all_hidden_states = tuple(state if i in keep else None for i, state in enumerate(all_hidden_states))
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             cache=cache if use_cache else None,
-            hidden_states=record.hidden_states(hidden_states),
+            hidden_states=all_hidden_states,
             attentions=record.attentions(),
         )
+
+    @contextmanager
+    def _eager_attention(self):
+        """Run the model on eager attention inside the block (masks included), then restore the configured backend.
+
+        Used for a call that asks for attention maps when the configured backend (sdpa, flex_attention, kernels)
+        cannot return them. The switch is on the shared config, so, like `set_attn_implementation`, it is not safe
+        against another thread running the model at the same moment.
+        """
+        configured = self.config._attn_implementation
+        self.config._attn_implementation_internal = "eager"
+        try:
+            yield
+        finally:
+            self.config._attn_implementation_internal = configured
 
     def _image_context(
         self,
@@ -736,8 +841,8 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    _tp_plan = {"lm_head": "colwise_gather_output"}
-    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    # No tensor- or pipeline-parallel plan: none is tested, and a wildcard plan on `layers.*.mixer` would also shard
+    # the linear and memory mixers, whose decays, convolutions and memories are not sharded.
 
     def __init__(self, config: SonettConfig) -> None:
         super().__init__(config)
@@ -759,6 +864,25 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
             model_kwargs["cache"] = self.make_cache()
+            if generation_config.is_assistant:  # an assistant's drafts are rolled back when rejected
+                model_kwargs["cache"].activate_past_recording()
+
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs) -> None:
+        """Refuse assisted decoding (`assistant_model=`, `prompt_lookup_num_tokens=`) up front, naming the layers
+        that cannot roll back, when this model or a Sonett assistant has any."""
+        if generation_mode == GenerationMode.ASSISTED_GENERATION:
+            assistant = generation_mode_kwargs.get("assistant_model")
+            for who, model in (("this model", self), ("the assistant model", assistant)):
+                parts = uncroppable_parts(model.config) if getattr(model, "config", None) is not None else []
+                if parts and getattr(model.config, "model_type", None) == "sonett":
+                    raise ValueError(
+                        f"Assisted decoding (assistant_model= or prompt_lookup_num_tokens=) verifies draft tokens and "
+                        f"rolls the cache back past the rejected ones, but {who} has {' and '.join(parts)}, whose "
+                        "state cannot be rolled back to an earlier token (it already holds the rejected tokens). "
+                        "Generate without an assistant or prompt lookup (greedy, sampling and beam search work), or "
+                        "use a model with only full_attention and sliding_attention layers and no hierarchy."
+                    )
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
 
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         """Check the 2-D `attention_mask` given to `generate` against the prompt before positions are derived from it
@@ -790,6 +914,7 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
             )
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -809,14 +934,16 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
         Args:
             labels: `(batch, seq)` targets aligned with `input_ids` (shifted inside the loss); -100 is ignored.
                 A `num_items_in_batch` keyword (from the Trainer) makes the loss a sum over that many tokens,
-                so gradient accumulation matches one large batch.
+                so gradient accumulation matches one large batch. A `shift_labels` keyword `(batch, seq)` gives
+                the already-shifted targets (position t predicts `shift_labels[:, t]`, as context parallelism
+                passes them); when given, the loss is taken against it and `labels` may be None.
             logits_to_keep: compute logits only for the last N positions (0 = all), or for the given indices.
-            Other arguments as in `SonettModel.forward`.
+            Other arguments as in `SonettModel.forward` (`return_dict=False` gives a tuple).
 
         Returns:
             `CausalLMOutputWithPast` with `logits` `(batch, seq or N, vocab_size)`, `loss` and `cache`.
         """
-        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
         if kwargs.pop("pixel_values", None) is not None:
             raise ValueError(
                 f"{type(self).__name__} reads text only and would ignore pixel_values; load a multimodal folder with "
@@ -831,6 +958,7 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         return self.head_outputs(outputs, labels, logits_to_keep, loss_kwargs)
@@ -838,26 +966,39 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
     def head_outputs(
         self, outputs: BaseModelOutputWithPast, labels: torch.Tensor | None, logits_to_keep, loss_kwargs: dict
     ) -> CausalLMOutputWithPast:
-        """Logits of the kept positions and, with `labels`, the LM loss (plus the span penalty in training)."""
+        """Logits of the kept positions and, with `labels` or `loss_kwargs["shift_labels"]`, the LM loss (plus the span
+        penalty in training)."""
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
 
         loss = None
-        if labels is not None:
-            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-                raise ValueError(f"`labels` must hold integer token ids (or -100), got dtype {labels.dtype}.")
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(
-                    f"`labels` has shape {tuple(labels.shape)} but the logits cover {tuple(logits.shape[:2])}; "
-                    "labels are aligned with input_ids (not pre-shifted) and need logits_to_keep=0."
-                )
+        shift_labels = loss_kwargs.get("shift_labels")
+        if shift_labels is not None:
+            loss_kwargs = {**loss_kwargs, "shift_labels": shift_labels.contiguous()}  # the loss flattens it with view
+        if labels is not None or shift_labels is not None:
+            for name, given in (("labels", labels), ("shift_labels", shift_labels)):
+                if given is None:
+                    continue
+                if given.dtype.is_floating_point or given.dtype == torch.bool:
+                    raise ValueError(f"`{name}` must hold integer token ids (or -100), got dtype {given.dtype}.")
+                if given.shape != logits.shape[:2]:
+                    raise ValueError(
+                        f"`{name}` has shape {tuple(given.shape)} but the logits cover {tuple(logits.shape[:2])}; "
+                        "labels are aligned with input_ids (not pre-shifted), shift_labels with the logits (shifted "
+                        "by one, -100 at the end), and both need logits_to_keep=0."
+                    )
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **loss_kwargs)
             penalty = self.model.span_penalty() if self.training else None
             if penalty is not None:
                 if loss_kwargs.get("num_items_in_batch") is not None:
                     # Under gradient accumulation each micro-batch carries its share, so the sum is one penalty.
-                    items = (labels[..., 1:] != -100).sum()
+                    ignore = loss_kwargs.get("ignore_index", -100)
+                    items = (
+                        (shift_labels != ignore).sum()
+                        if shift_labels is not None
+                        else (labels[..., 1:] != ignore).sum()
+                    )
                     penalty = penalty * items / loss_kwargs["num_items_in_batch"]
                 loss = loss + penalty.to(loss.dtype)
 
@@ -948,6 +1089,7 @@ class SonettForConditionalGeneration(SonettForCausalLM):
         return tokens.view(batch, images, tokens.shape[1], tokens.shape[2])
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -991,6 +1133,7 @@ class SonettForConditionalGeneration(SonettForCausalLM):
             image_tokens=image_tokens,
             image_mask=image_mask,
             cross_attention_mask=cross_attention_mask,
+            return_dict=True,
             **kwargs,
         )
 
