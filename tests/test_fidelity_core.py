@@ -6,10 +6,13 @@ returns, and the flags (`_is_stateful`, parallel plans, assisted decoding) tell 
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers_model import VOCAB, max_diff, random_ids, tiny_config, tiny_model
+from helpers_model import VOCAB, max_diff, random_ids, tiny_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils.output_capturing import capture_outputs
@@ -300,8 +303,64 @@ def test_flags_and_parallel_plans_tell_the_truth():
     assert SonettPreTrainedModel._supports_flash_attn is False
     assert model._is_stateful is True and SonettForCausalLM._is_stateful is True
     assert tiny_model("mixed")._is_stateful is False  # full and sliding caches can be cropped
-    assert model.tp_plan == {} and model.pp_plan == {}
-    assert tiny_config().base_model_tp_plan in (None, {})
+    # Tensor parallelism only on what every layer kind shares (the MLPs), the embeddings and the head.
+    assert model.tp_plan == {
+        "model.embed_tokens": "embedding_rowwise",
+        "model.layers.*.mlp.gate_proj": "colwise",
+        "model.layers.*.mlp.up_proj": "colwise",
+        "model.layers.*.mlp.down_proj": "rowwise",
+        "lm_head": "colwise_gather_output",
+    }
+    assert model.pp_plan == {}
+    modules = {name for name, _ in model.named_modules()}
+    for pattern in model.tp_plan:
+        assert pattern.replace(".*.", ".0.") in modules, pattern
+
+
+TP_WORKER = """
+import os, sys, torch
+from torch.distributed.tensor import DTensor
+from transformers.distributed import DistributedConfig
+from sonett import SonettForCausalLM
+
+folder, ids = sys.argv[1], torch.load(sys.argv[2])
+model = SonettForCausalLM.from_pretrained(folder, distributed_config=DistributedConfig(tp_size=2, tp_plan="auto"))
+model.eval()
+gate = model.model.layers[1].mlp.gate_proj.weight
+sharded = {
+    "mlp": isinstance(gate, DTensor) and tuple(gate.to_local().shape) == (32, 32),
+    "mixer": any(isinstance(p, DTensor) for layer in model.model.layers for p in layer.mixer.parameters()),
+}
+with torch.no_grad():
+    logits = model(ids).logits
+    greedy = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+if int(os.environ["RANK"]) == 0:
+    torch.save({"logits": logits, "greedy": greedy, "sharded": sharded}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_tensor_parallel_on_two_cpu_processes_equals_one(tmp_path, tie):
+    model = all_kinds_model(tie_word_embeddings=tie)
+    model.save_pretrained(tmp_path / "model")
+    ids = random_ids(2, 9)
+    torch.save(ids, tmp_path / "ids.pt")
+    (tmp_path / "worker.py").write_text(TP_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [
+        str(tmp_path / "worker.py"),
+        str(tmp_path / "model"),
+        str(tmp_path / "ids.pt"),
+        str(tmp_path / "out.pt"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert out["sharded"] == {"mlp": True, "mixer": False}  # MLPs in halves (64 -> 2 x 32 rows), mixers whole
+    with torch.no_grad():
+        assert max_diff(out["logits"], model(ids).logits) <= 1e-4
+        assert torch.equal(out["greedy"], model.generate(ids[:1], max_new_tokens=6, do_sample=False))
 
 
 HOURGLASS = {"shorten_factor": 2, "start_layer": 1, "end_layer": 2}

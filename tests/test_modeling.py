@@ -461,13 +461,23 @@ def test_output_attentions_with_eager(mix):
             assert float(weights[..., -1, 0].min()) > 0.0
 
 
-def test_no_split_modules_and_no_untested_parallel_plans():
+def test_no_split_modules_and_parallel_plans():
     model = tiny_model("mixed")
     assert "SonettDecoderLayer" in model._no_split_modules
     assert SonettDecoderLayer.__name__ == "SonettDecoderLayer"
-    # No tensor- or pipeline-parallel plan is shipped: none is tested (issue 14, item 8).
-    assert model.tp_plan == {}
-    assert model.pp_plan == {}
+    plan = model.tp_plan
+    # The MLPs only: a `layers.*.mixer` rule would also match linear and memory mixers (issue 14, item 8).
+    assert not any(".mixer." in pattern for pattern in plan)
+    for name in ("gate_proj", "up_proj"):
+        assert plan[f"model.layers.*.mlp.{name}"] == "colwise"
+    assert plan["model.layers.*.mlp.down_proj"] == "rowwise"
+    assert "lm_head" in plan
+    assert model.pp_plan == {}  # no pipeline-parallel plan: none is tested
+    # every plan entry names real modules
+    module_names = {name for name, _ in model.named_modules()}
+    for pattern in plan:
+        prefix = pattern.replace(".*.", ".0.")
+        assert prefix in module_names, pattern
 
 
 @mixes

@@ -213,6 +213,15 @@ class SonettConfig(PreTrainedConfig):
     _rope_type_labels = ROPE_KINDS
     keys_to_ignore_at_inference = ["cache"]
     default_theta = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0, "memory_attention": 10_000.0}
+    # Tensor parallelism shards the MLPs only: they are the same in every layer. transformers matches plan keys with
+    # the layer index replaced by `*`, so a rule cannot name only the full/sliding layers, and a `layers.*.mixer`
+    # rule would also shard the linear and memory mixers, whose decays, convolutions and memories are not sharded.
+    # The mixers stay replicated. No pipeline-parallel plan: none is tested.
+    base_model_tp_plan = {
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
 
     vocab_size: int = 32000
     hidden_size: int = 512

@@ -841,8 +841,9 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    # No tensor- or pipeline-parallel plan: none is tested, and a wildcard plan on `layers.*.mixer` would also shard
-    # the linear and memory mixers, whose decays, convolutions and memories are not sharded.
+    # With the config's MLP-only plan (and `embed_tokens: embedding_rowwise`, which transformers adds); see
+    # `SonettConfig.base_model_tp_plan`. No pipeline-parallel plan: none is tested.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: SonettConfig) -> None:
         super().__init__(config)
