@@ -66,8 +66,16 @@ def test_static_cache_is_selected_by_the_generation_config():
     model.generation_config.cache_implementation = "static"
     out = greedy(model)
     assert isinstance(out.cache, SonettStaticCache)
-    # full_attention layers hold max_length - 1 tokens (the last token never goes through the model)
-    assert out.cache.max_cache_len == out.sequences.shape[1] - 1
+    # max_length - 1 tokens go through the model; one spare slot keeps the last step from recompiling
+    assert out.cache.max_cache_len == out.sequences.shape[1]
+
+
+@pytest.mark.parametrize("strategy", [{"num_beams": 3}, {"prefill_chunk_size": 3}], ids=["beam-3", "chunked-prefill"])
+def test_static_cache_in_beam_search_and_chunked_prefill(strategy):
+    model = kind_model("all")
+    assert torch.equal(
+        greedy(model, cache_implementation="static", **strategy).sequences, greedy(model, **strategy).sequences
+    )
 
 
 def test_static_buffers_keep_their_shapes_and_addresses():
@@ -176,15 +184,22 @@ def test_compiled_decode_step_matches_eager_without_recompiling():
     assert len(graphs) <= 2
 
 
-def test_generate_auto_compiles_the_decode_step_with_a_static_cache():
+def test_generate_auto_compiles_the_decode_step_once_with_a_static_cache():
     torch._dynamo.reset()
     model = kind_model("all")
     want = greedy(model).sequences
-    config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):  # the "eager" backend, counted
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    config = CompileConfig(fullgraph=True, backend=counting_backend, mode=None)
     config._compile_all_devices = True  # generate compiles only on accelerators unless told otherwise
     model.generation_config.compile_config = config
-    got = greedy(model, cache_implementation="static")
-    assert hasattr(model, "_compiled_call"), "generate did not compile the forward"
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = greedy(model, cache_implementation="static")
+    assert len(graphs) == 1, "generate did not compile the decode step, or compiled it more than once"
     assert torch.equal(got.sequences, want)
 
 

@@ -294,6 +294,18 @@ def check_position_limit(config: SonettConfig, position_ids: torch.Tensor) -> No
         )
 
 
+def check_token_ids(config: SonettConfig, input_ids: torch.Tensor) -> None:
+    """Raise a ValueError naming the first token id outside `[0, vocab_size)` (reads the ids back to the host)."""
+    out_of_range = (input_ids < 0) | (input_ids >= config.vocab_size)
+    if bool(out_of_range.any()):
+        bad = int(input_ids[out_of_range][0])
+        raise ValueError(
+            f"Token id {bad} is out of range for vocab_size {config.vocab_size} (valid ids are 0 to "
+            f"{config.vocab_size - 1}); the tokenizer and the model config do not match: encode the text with the "
+            "tokenizer saved with this model."
+        )
+
+
 def check_text_inputs(
     config: SonettConfig,
     input_ids: torch.Tensor | None,
@@ -341,14 +353,7 @@ def check_text_inputs(
             "pass a fresh cache (or none) for a new batch."
         )
     if input_ids is not None and not torch.compiler.is_compiling():
-        out_of_range = (input_ids < 0) | (input_ids >= config.vocab_size)
-        if bool(out_of_range.any()):
-            bad = int(input_ids[out_of_range][0])
-            raise ValueError(
-                f"Token id {bad} is out of range for vocab_size {config.vocab_size} (valid ids are 0 to "
-                f"{config.vocab_size - 1}); the tokenizer and the model config do not match: encode the text with the "
-                "tokenizer saved with this model."
-            )
+        check_token_ids(config, input_ids)
     if attention_mask is not None and attention_mask.dim() == 2:
         expected = (shape[0], (past_length or 0) + shape[1])
         if past_length is not None and tuple(attention_mask.shape) != expected:
@@ -805,7 +810,9 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
                 "the dynamic cache)."
             )
         if implementation == "static":
-            length = max(max_cache_length, generation_config.max_cache_len or 0)
+            # One spare slot: the 2-D mask then stays shorter than the cache up to the last step, which would
+            # otherwise flip a shape guard in transformers' mask padding and recompile a compiled decode step.
+            length = max(max_cache_length + 1, generation_config.max_cache_len or 0)
             model_kwargs["cache"] = self.make_cache("static", max_cache_len=length)
         else:
             model_kwargs["cache"] = self.make_cache()
@@ -817,18 +824,24 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
 
         transformers would prepare one mask per layer kind here; Sonett builds them in `forward` (its linear and
         memory layers read the 2-D padding mask itself, and windowed layers of a static cache mask their own slots).
+        Its length grows by one per step, so it is marked dynamic: a compiled decode step then compiles once.
         """
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
         return attention_mask
 
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
-        """Check the 2-D `attention_mask` given to `generate` against the prompt before positions are derived from it
-        (generate drops an all-ones mask afterwards, so forward would never see a wrong one)."""
+        """Check the prompt once per `generate` call, before positions are derived from it: its token ids (a compiled
+        prefill skips that check) and its 2-D `attention_mask` (generate drops an all-ones mask afterwards, so
+        forward would never see a wrong one)."""
         mask = model_kwargs.get("attention_mask")
         ids = model_kwargs.get("input_ids")
         prompt = ids if ids is not None and ids.shape[1] > 0 else inputs_tensor
+        if prompt.dim() == 2 and not prompt.is_floating_point() and prompt.dtype != torch.bool:
+            check_token_ids(self.config, prompt)
         if mask is not None and mask.dim() == 2:
             cache = model_kwargs.get("cache")
-            past = cache.get_seq_length() if cache is not None else 0
+            past = int(cache.get_seq_length()) if cache is not None else 0
             expected = (prompt.shape[0], past + prompt.shape[1])
             if tuple(mask.shape) != expected and tuple(mask.shape) != tuple(prompt.shape[:2]):
                 raise ValueError(
