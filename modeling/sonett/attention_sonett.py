@@ -19,9 +19,15 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    sliding_window_causal_mask_function,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .cache_sonett import SonettStaticSlidingWindowLayer
 from .configuration_sonett import SonettConfig
 from .layers_sonett import apply_rotary_pos_emb
 
@@ -91,6 +97,44 @@ def blocked_local_attention(
     output, _ = attention_interface(module, q_blocks, k_blocks, v_blocks, mask, **kwargs)
     output = output.reshape(batch, blocks * window, heads, head_dim)[:, :seq_len]
     return output, None
+
+
+def static_window_mask(
+    layer: SonettStaticSlidingWindowLayer,
+    config: SonettConfig,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """Sliding-window mask over the keys a `SonettStaticSlidingWindowLayer` returns: its slots, then the new tokens.
+
+    In slot coordinates the new token i sits at `slots + i`; it sees the keys within `config.sliding_window` of it
+    (as `create_sliding_window_causal_mask` does) that are filled and not padding. The shapes depend only on the
+    window and the number of new tokens, so a decode step builds the same mask shape every step.
+    Returns the format of the configured attention backend, `(batch, 1, new, slots + new)`.
+    """
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            "A static cache needs the 2-D attention_mask (batch, cached + new tokens); a prepared 4-D mask cannot be "
+            "placed in its window slots."
+        )
+    batch, new_tokens = inputs_embeds.shape[:2]
+    valid = layer.key_validity(attention_mask, new_tokens, batch).to(inputs_embeds.device)
+    mask_interface = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
+    return mask_interface(
+        batch_size=batch,
+        q_length=new_tokens,
+        kv_length=layer.slots + new_tokens,
+        q_offset=layer.slots,
+        kv_offset=0,
+        mask_function=sliding_window_causal_mask_function(config.sliding_window),
+        attention_mask=valid,
+        allow_is_causal_skip=False,
+        dtype=inputs_embeds.dtype,
+        config=config,
+        use_vmap=False,
+        device=inputs_embeds.device,
+    )
 
 
 def eager_attention_forward(
@@ -198,16 +242,18 @@ class SonettAttention(nn.Module):
             return create_causal_mask(**mask_kwargs)
         config, cache = mask_kwargs["config"], mask_kwargs["cache"]
         attention_mask, seq_len = mask_kwargs["attention_mask"], mask_kwargs["inputs_embeds"].shape[1]
+        layer = cache.layers[mask_kwargs["layer_idx"]] if cache is not None else None
+        if isinstance(layer, SonettStaticSlidingWindowLayer):
+            return static_window_mask(layer, **mask_kwargs)
         window = cache.layer_windows[mask_kwargs["layer_idx"]] if cache is not None else config.sliding_window
-        unpadded = attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))
-        empty = cache is None or cache.get_seq_length(mask_kwargs["layer_idx"]) == 0
+        # Cheap tests first: a decode step never reads the mask's values here (no host sync).
         if (
             allow_blocked
-            and unpadded
-            and empty
             and seq_len > 2 * window
             and config._attn_implementation in ("eager", "sdpa")
             and not config.adaptive_span
+            and (cache is None or cache.get_seq_length(mask_kwargs["layer_idx"]) == 0)
+            and (attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all())))
         ):
             return BlockedLocalMask(window)
         return create_sliding_window_causal_mask(**mask_kwargs)

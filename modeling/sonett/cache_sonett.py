@@ -24,7 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
+from transformers.utils import is_torchdynamo_compiling
 
 from .configuration_sonett import SonettConfig
 
@@ -129,6 +130,14 @@ class SonettMemoryLayer(SonettSlidingWindowLayer):
         if not self.is_initialized:
             return None, None, None, None
         return self.memory_keys, self.values, self.memory, self.normalizer
+
+    def entry_mask(self, padding: torch.Tensor | None, new_tokens: int) -> torch.Tensor | None:
+        """`(batch, stored + new)` True for the real tokens among the stored window and the new tokens, or None
+        when `padding` (the 2-D mask `(batch, cached + new)`) is None. Call it before `update`."""
+        if padding is None:
+            return None
+        stored = self.memory_keys.shape[-2] if self.memory_keys is not None else 0
+        return padding[:, -(stored + new_tokens) :]
 
     def set_memory(self, memory: torch.Tensor, normalizer: torch.Tensor) -> None:
         self.memory, self.normalizer = memory, normalizer
@@ -261,6 +270,252 @@ class SonettLinearAttentionLayer(CacheLayerMixin):
         self.is_initialized = self.recurrent_state is not None
 
 
+def _mark_static(*tensors: torch.Tensor | None) -> None:
+    """Tag preallocated state as a fixed address for torch.compile / cudagraphs (not while tracing)."""
+    if not is_torchdynamo_compiling():
+        for tensor in tensors:
+            if tensor is not None:
+                torch._dynamo.mark_static_address(tensor)
+
+
+class SonettStaticFullAttentionLayer(StaticLayer):
+    """Keys and values of a `full_attention` layer preallocated to `(batch, kv_heads, max_cache_len, head_dim)`.
+
+    transformers' `StaticLayer`: the seen-token count is a tensor, written in place, so a compiled decode step
+    keeps its shapes and guards from step to step.
+    """
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "values": self.values} if self.is_initialized else {}
+
+    def state_scalars(self) -> dict[str, int]:
+        return {}
+
+
+class SonettStaticSlidingWindowLayer(CacheLayerMixin):
+    """Keys and values of a windowed layer in a fixed buffer of `window - 1` slots, `(batch, kv_heads, slots, dim)`.
+
+    The slots are right-aligned: the last slot holds the newest cached token, and slots not yet filled sit at the
+    front (`key_validity` masks them). `update` always returns the slots followed by the new tokens, so a decode
+    step sees the same shapes at every step. The seen-token count is a tensor written in place.
+    """
+
+    is_compileable = True
+    is_sliding = True
+    # Tokens pushed out of the buffer cannot come back, so the layer cannot be rolled back.
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, sliding_window: int, **kwargs) -> None:
+        super().__init__()
+        self.sliding_window = sliding_window
+        self.slots = max(sliding_window - 1, 0)
+        self.cumulative_length = torch.tensor(0, dtype=torch.long)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        batch, heads = key_states.shape[:2]
+        self.keys = key_states.new_zeros(batch, heads, self.slots, key_states.shape[-1])
+        self.values = value_states.new_zeros(batch, heads, self.slots, value_states.shape[-1])
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        _mark_static(self.keys, self.values, self.cumulative_length)
+        self.is_initialized = True
+
+    @staticmethod
+    def _push(buffer: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Write the newest `slots` of `buffer + new` back into `buffer` (in place); return `buffer + new`."""
+        full = torch.cat([buffer, new], dim=-2)
+        buffer.copy_(full[:, :, full.shape[-2] - buffer.shape[-2] :])
+        return full
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the slots plus the new tokens `(batch, kv_heads, slots + new, dim)`; keep the newest slots."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        full_keys = self._push(self.keys, key_states)
+        full_values = self._push(self.values, value_states)
+        self.cumulative_length.add_(key_states.shape[-2])
+        return full_keys, full_values
+
+    def key_validity(self, attention_mask: torch.Tensor | None, new_tokens: int, batch_size: int) -> torch.Tensor:
+        """`(batch, slots + new)` bool, True for the keys `update` will return that are real tokens.
+
+        A slot is real once filled and when the 2-D `attention_mask` `(batch, cached + new)` marks its token as real;
+        call it before `update`.
+        """
+        device = self.cumulative_length.device if attention_mask is None else attention_mask.device
+        seen = self.cumulative_length.to(device)
+        filled = torch.arange(self.slots, device=device) >= self.slots - seen
+        valid = torch.cat([filled, torch.ones(new_tokens, dtype=torch.bool, device=device)])
+        valid = valid[None, :].expand(batch_size, -1)
+        if attention_mask is not None:
+            padded = torch.cat([attention_mask.new_zeros(attention_mask.shape[0], self.slots), attention_mask], dim=1)
+            valid = valid & padded[:, padded.shape[1] - self.slots - new_tokens :].bool()
+        return valid
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.slots + query_length, 0
+
+    def get_seq_length(self) -> torch.Tensor | int:
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+        self.cumulative_length.zero_()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError("A static sliding-window state cannot be rolled back (cropped): its old tokens are gone.")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:  # in place, so that the buffers keep their static addresses
+            self.keys.copy_(self.keys.index_select(0, beam_idx.to(self.device)))
+            self.values.copy_(self.values.index_select(0, beam_idx.to(self.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "values": self.values} if self.is_initialized else {}
+
+    def state_scalars(self) -> dict[str, int]:
+        return {}
+
+
+class SonettStaticMemoryLayer(SonettStaticSlidingWindowLayer):
+    """A `memory_attention` state in fixed buffers: the window slots (rotated keys, values and the un-rotated
+    `memory_keys`) as in `SonettStaticSlidingWindowLayer`, and the fp32 memory `(batch, kv_heads, d_k, d_v)` and
+    normaliser `(batch, kv_heads, d_k)`, allocated at the batch size on first use and then written in place."""
+
+    def __init__(self, sliding_window: int, **kwargs) -> None:
+        super().__init__(sliding_window=sliding_window, **kwargs)
+        self.memory_keys: torch.Tensor | None = None
+        self.memory: torch.Tensor | None = None
+        self.normalizer: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.memory_keys = torch.zeros_like(self.keys)
+        _mark_static(self.memory_keys)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, raw_key_states: torch.Tensor, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `SonettStaticSlidingWindowLayer.update`, also keeping the un-rotated `raw_key_states`."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._push(self.memory_keys, raw_key_states)
+        return super().update(key_states, value_states)
+
+    def memory_inputs(
+        self,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(raw window slots, value slots, memory, normaliser) before this step, or Nones before the first token."""
+        if not self.is_initialized:
+            return None, None, None, None
+        return self.memory_keys, self.values, self.memory, self.normalizer
+
+    def entry_mask(self, padding: torch.Tensor | None, new_tokens: int) -> torch.Tensor | None:
+        """Which memory entries (window slots + new tokens) are real tokens; see `SonettMemoryLayer.entry_mask`."""
+        if not self.is_initialized:
+            return None if padding is None else padding[:, -new_tokens:]
+        return self.key_validity(padding, new_tokens, self.keys.shape[0])
+
+    def set_memory(self, memory: torch.Tensor, normalizer: torch.Tensor) -> None:
+        if self.memory is None:
+            self.memory, self.normalizer = torch.zeros_like(memory), torch.zeros_like(normalizer)
+            _mark_static(self.memory, self.normalizer)
+        self.memory.copy_(memory)
+        self.normalizer.copy_(normalizer)
+
+    def activate_past_recording(self) -> None:
+        """No-op: this layer cannot be rolled back, so there is no past to record."""
+
+    def reset(self) -> None:
+        super().reset()
+        for tensor in (self.memory_keys, self.memory, self.normalizer):
+            if tensor is not None:
+                tensor.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for tensor in (self.memory_keys, self.memory, self.normalizer):
+            if tensor is not None:
+                tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        for name in ("memory_keys", "memory", "normalizer"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        for name in ("memory_keys", "memory", "normalizer"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[indices])
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = super().state_tensors()
+        for name in ("memory_keys", "memory", "normalizer"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
+        return tensors
+
+
+class SonettStaticLinearAttentionLayer(SonettLinearAttentionLayer):
+    """A `linear_attention` state whose tensors are allocated at the batch size on first use and then written in
+    place, with a tensor token count, so a compiled decode step reads and writes the same buffers every step."""
+
+    is_compileable = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seq_length = torch.tensor(0, dtype=torch.long)
+
+    def set_state(self, recurrent_state: torch.Tensor, conv_state: torch.Tensor | None, num_new_tokens: int) -> None:
+        if self.recurrent_state is None:
+            self.recurrent_state = torch.zeros_like(recurrent_state)
+            self.conv_state = None if conv_state is None else torch.zeros_like(conv_state)
+            self.seq_length = self.seq_length.to(recurrent_state.device)
+            _mark_static(self.recurrent_state, self.conv_state, self.seq_length)
+        self.recurrent_state.copy_(recurrent_state)
+        if conv_state is not None:
+            self.conv_state.copy_(conv_state)
+        self.seq_length.add_(num_new_tokens)
+        self.is_initialized = True
+
+    def get_seq_length(self) -> torch.Tensor | int:
+        return self.seq_length if self.is_initialized else 0
+
+    def reset(self) -> None:
+        for tensor in (self.recurrent_state, self.conv_state):
+            if tensor is not None:
+                tensor.zero_()
+        self.seq_length.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for tensor in (self.recurrent_state, self.conv_state):
+            if tensor is not None:
+                tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def state_scalars(self) -> dict[str, int]:
+        return {}
+
+
 class SonettHourglassCohort:
     """Rows of a batch whose shortened streams advance together, and the state of their shortened layers.
 
@@ -374,6 +629,15 @@ CACHE_LAYER_CLASSES: dict[str, Callable[[SonettConfig, int | None], CacheLayerMi
     "linear_attention": lambda config, window: SonettLinearAttentionLayer(),
     "memory_attention": lambda config, window: SonettMemoryLayer(sliding_window=window),
 }
+# layer kind -> factory(config, window, max_cache_len) building that kind's layer of a `SonettStaticCache`.
+STATIC_CACHE_LAYER_CLASSES: dict[str, Callable[[SonettConfig, int | None, int], CacheLayerMixin]] = {
+    "full_attention": lambda config, window, length: SonettStaticFullAttentionLayer(max_cache_len=length),
+    "sliding_attention": lambda config, window, length: SonettStaticSlidingWindowLayer(sliding_window=window),
+    "linear_attention": lambda config, window, length: SonettStaticLinearAttentionLayer(),
+    "memory_attention": lambda config, window, length: SonettStaticMemoryLayer(sliding_window=window),
+}
+# What `generation_config.cache_implementation` may name for a Sonett model (None is the dynamic cache).
+SUPPORTED_CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 
 
 def state_fingerprint(config: SonettConfig) -> dict:
@@ -404,7 +668,7 @@ class SonettCache(Cache):
         windows = {i: text_config.sliding_window for i in range(len(self.layer_types))}
         windows.update(layer_windows or {})
         self.layer_windows = windows
-        layers = [CACHE_LAYER_CLASSES[kind](text_config, windows[i]) for i, kind in enumerate(self.layer_types)]
+        layers = [self._build_layer(text_config, kind, windows[i]) for i, kind in enumerate(self.layer_types)]
         super().__init__(layers=layers)
         self.hourglass = (
             SonettHourglassState(text_config, windows)
@@ -415,6 +679,12 @@ class SonettCache(Cache):
         # per image, and which image tokens are real `(batch, image tokens)` (False for padding images).
         self.image_states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.image_visible: torch.Tensor | None = None
+
+    def _build_layer(self, config: SonettConfig, kind: str, window: int | None) -> CacheLayerMixin:
+        return CACHE_LAYER_CLASSES[kind](config, window)
+
+    def check_room(self, new_tokens: int) -> None:
+        """Raise a ValueError when `new_tokens` more tokens do not fit (a dynamic cache always has room)."""
 
     def _select_rows(self, indices: torch.Tensor) -> None:
         """Row `indices[i]` becomes row i in the hourglass and image state (the layers select their own)."""
@@ -575,12 +845,88 @@ class SonettCache(Cache):
         return cache
 
 
+class SonettStaticCache(SonettCache):
+    """A `SonettCache` whose every state tensor keeps its shape and address from step to step, for compiled decoding.
+
+    `full_attention` layers preallocate `max_cache_len` positions (transformers' `StaticLayer`); windowed layers keep
+    a fixed buffer of window - 1 slots; `linear_attention` and the memory of `memory_attention` layers are fixed-size
+    anyway and are written in place. Tensors are allocated at the batch size on first use. Greedy decoding gives the
+    same tokens as the dynamic `SonettCache`. Selected by `generate(..., cache_implementation="static")` or built with
+    `model.make_cache("static", max_cache_len=...)`.
+
+    Not supported: a `hierarchy` (its shortened streams advance row by row) and images (cross-attention); use the
+    dynamic cache there. A static cache is not written to a memory file: save a dynamic cache instead.
+
+    Args:
+        config: the model config.
+        max_cache_len: tokens the `full_attention` layers can hold (prompt + new tokens); only needed with such layers.
+        layer_windows: per-layer window lengths of windowed layers, as in `SonettCache`.
+    """
+
+    def __init__(
+        self, config: SonettConfig, max_cache_len: int | None = None, layer_windows: dict[int, int] | None = None
+    ) -> None:
+        text_config = config.get_text_config(decoder=True)
+        unsupported = [name for name in ("hierarchy", "cross_attention_layers") if getattr(text_config, name, None)]
+        if unsupported:
+            raise ValueError(
+                f"A static cache does not support a config with {' or '.join(unsupported)}: those states change shape "
+                "from step to step. Use the dynamic cache (generate without cache_implementation, or "
+                "model.make_cache())."
+            )
+        if "full_attention" in text_config.layer_types and (max_cache_len is None or max_cache_len < 1):
+            raise ValueError(
+                "A static cache for a model with full_attention layers needs max_cache_len (prompt + new tokens), "
+                f"got {max_cache_len!r}."
+            )
+        self.max_cache_len = max_cache_len
+        super().__init__(config, layer_windows=layer_windows, with_hourglass=False)
+
+    def _build_layer(self, config: SonettConfig, kind: str, window: int | None) -> CacheLayerMixin:
+        return STATIC_CACHE_LAYER_CLASSES[kind](config, window, self.max_cache_len)
+
+    def get_seq_length(self, layer_idx: int = 0) -> torch.Tensor | int:
+        """Tokens seen so far: a 0-d tensor once filled (read it with `int()` outside compiled code), else 0."""
+        return super().get_seq_length(layer_idx)
+
+    def check_room(self, new_tokens: int) -> None:
+        """Raise a ValueError when the full_attention layers cannot take `new_tokens` more tokens."""
+        if "full_attention" not in self.layer_types:
+            return
+        seen = int(self.get_seq_length())
+        if seen + new_tokens > self.max_cache_len:
+            raise ValueError(
+                f"The static cache holds at most {self.max_cache_len} tokens, but {seen} are cached and {new_tokens} "
+                "more were given; build it with a larger max_cache_len (generate sizes it to max_length)."
+            )
+
+    def save(self, path: str | Path) -> None:
+        raise ValueError(
+            "A static cache (SonettStaticCache) holds preallocated buffers for compiled decoding and is not saved to a "
+            "memory file; keep the conversation in a dynamic cache (model.make_cache()) to save it."
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, config: SonettConfig, device: torch.device | str = "cpu") -> SonettCache:
+        raise ValueError(
+            "A memory file loads into a dynamic cache: use SonettCache.load(path, config); a static cache cannot be "
+            "loaded from a file."
+        )
+
+
 __all__ = [
     "CACHE_LAYER_CLASSES",
+    "STATIC_CACHE_LAYER_CLASSES",
+    "SUPPORTED_CACHE_IMPLEMENTATIONS",
     "SonettCache",
     "SonettFullAttentionLayer",
     "SonettHourglassState",
     "SonettLinearAttentionLayer",
     "SonettMemoryLayer",
     "SonettSlidingWindowLayer",
+    "SonettStaticCache",
+    "SonettStaticFullAttentionLayer",
+    "SonettStaticLinearAttentionLayer",
+    "SonettStaticMemoryLayer",
+    "SonettStaticSlidingWindowLayer",
 ]

@@ -30,7 +30,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 
 from .attention_sonett import SonettAttention
-from .cache_sonett import SonettMemoryLayer
+from .cache_sonett import SonettMemoryLayer, SonettStaticMemoryLayer
 from .configuration_sonett import SonettConfig
 from .layers_sonett import apply_rotary_pos_emb
 
@@ -211,7 +211,7 @@ class SonettMemoryAttention(SonettAttention):
 
     def _cache_layer(self, cache: Cache) -> SonettMemoryLayer:
         layer = cache.layers[self.layer_idx]
-        if not isinstance(layer, SonettMemoryLayer):
+        if not isinstance(layer, (SonettMemoryLayer, SonettStaticMemoryLayer)):
             raise TypeError(
                 f"memory_attention layer {self.layer_idx} needs a SonettMemoryLayer in the cache, got "
                 f"{type(layer).__name__}; pass a SonettCache built from this model's config (or none)."
@@ -253,16 +253,17 @@ class SonettMemoryAttention(SonettAttention):
         if cache is not None:
             layer = self._cache_layer(cache)
             past_keys, past_values, memory, normalizer = layer.memory_inputs()
+            key_mask = layer.entry_mask(padding, length)  # before the update, which moves the window
             if past_keys is not None:
                 entry_keys = torch.cat([past_keys, raw_key], dim=-2)
                 entry_values = torch.cat([past_values, value], dim=-2)
             key, local_value = cache.update(key, value, self.layer_idx, raw_key_states=raw_key)
         else:
             local_value = value
+            key_mask = padding[:, -length:] if padding is not None else None
 
         # Memory part: E = stored window + new tokens, delayed by W - P.
         stored = entry_keys.shape[-2] - length
-        key_mask = padding[:, -entry_keys.shape[-2] :] if padding is not None else None
         memory_output, memory, normalizer = memory_read(
             raw_query,
             entry_keys,

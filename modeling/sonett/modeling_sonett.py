@@ -29,7 +29,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, resolve_hidden_states_indices, selected_hidden_states
 
 from .attention_sonett import SonettAttention
-from .cache_sonett import SonettCache
+from .cache_sonett import SUPPORTED_CACHE_IMPLEMENTATIONS, SonettCache, SonettStaticCache
 from .configuration_sonett import ROPE_KINDS, SonettConfig
 from .cross_attention_sonett import SonettCrossAttentionBlock
 from .hierarchy_sonett import ShortenedPlacement, SonettHourglass
@@ -96,7 +96,9 @@ class SonettPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True  # tests/test_modeling.py runs flex_attention on CPU
     _supports_flash_attn = False  # untested: no flash-attn kernel where the tests run
     _supports_attention_backend = False
-    _can_compile_fullgraph = False
+    # The single-token decode step of every layer kind compiles with fullgraph=True on a `SonettStaticCache`; a
+    # config with a hierarchy or images cannot use that cache, so its instances set this to False (`__init__`).
+    _can_compile_fullgraph = True
     # Class default; each instance says whether its layers can be cropped (see `uncroppable_parts`).
     _is_stateful = True
     # What transformers' output capturing (`capture_outputs`, `OutputRecorder`) hooks: each decoder layer's output
@@ -108,16 +110,19 @@ class SonettPreTrainedModel(PreTrainedModel):
         "attentions": OutputRecorder(SonettAttention, index=1),
     }
 
-    def __init__(self, config: SonettConfig, *inputs, **kwargs) -> None:
-        super().__init__(config, *inputs, **kwargs)
-        self._is_stateful = bool(uncroppable_parts(config))
-
     # Every head a Sonett folder exposes through remote code.
     auto_map_heads = {
         "AutoConfig": "configuration_sonett.SonettConfig",
         "AutoModel": "modeling_sonett.SonettModel",
         "AutoModelForCausalLM": "modeling_sonett.SonettForCausalLM",
     }
+
+    def __init__(self, config: SonettConfig, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        self._is_stateful = bool(uncroppable_parts(config))
+        text_config = config.get_text_config(decoder=True)
+        if getattr(text_config, "hierarchy", None) or getattr(text_config, "cross_attention_layers", None):
+            self._can_compile_fullgraph = False  # no static cache for these (see SonettStaticCache)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -333,9 +338,13 @@ def position_limit_fix(config: SonettConfig, limit: int) -> str:
 
 
 def check_position_limit(config: SonettConfig, position_ids: torch.Tensor) -> None:
-    """Raise a ValueError when `position_ids` `(batch, seq)` reach past what the full_attention layers take."""
+    """Raise a ValueError when `position_ids` `(batch, seq)` reach past what the full_attention layers take.
+
+    Skipped inside compiled code (it reads the positions back to the host); `generate` checks the whole length
+    before its first step.
+    """
     limit = full_attention_token_limit(config)
-    if limit is None:
+    if limit is None or torch.compiler.is_compiling():
         return
     last = int(position_ids.max())
     if last >= limit:
@@ -345,17 +354,34 @@ def check_position_limit(config: SonettConfig, position_ids: torch.Tensor) -> No
         )
 
 
+def check_token_ids(config: SonettConfig, input_ids: torch.Tensor) -> None:
+    """Raise a ValueError naming the first token id outside `[0, vocab_size)` (reads the ids back to the host)."""
+    out_of_range = (input_ids < 0) | (input_ids >= config.vocab_size)
+    if bool(out_of_range.any()):
+        bad = int(input_ids[out_of_range][0])
+        raise ValueError(
+            f"Token id {bad} is out of range for vocab_size {config.vocab_size} (valid ids are 0 to "
+            f"{config.vocab_size - 1}); the tokenizer and the model config do not match: encode the text with the "
+            "tokenizer saved with this model."
+        )
+
+
 def check_text_inputs(
     config: SonettConfig,
     input_ids: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
-    past_length: int,
+    past_length: int | None,
     cache_batch_size: int | None = None,
     embedding_dtype: torch.dtype | None = None,
 ) -> None:
-    """Raise a ValueError that names the problem for inputs the model cannot run on."""
+    """Raise a ValueError that names the problem for inputs the model cannot run on.
+
+    Checks of shapes and dtypes always run. Checks that read tensor values (token ids in range) run only outside
+    compiled code, where they cost no graph break: eager calls, and in `generate` the prompt's (prefill) call.
+    `past_length` None skips the check of the 2-D mask's length against the cache (compiled decode steps).
+    """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
     if input_ids is not None:
@@ -386,18 +412,11 @@ def check_text_inputs(
             f"The cache holds {cache_batch_size} sequences but the input has batch size {shape[0]}; "
             "pass a fresh cache (or none) for a new batch."
         )
-    if input_ids is not None:
-        out_of_range = (input_ids < 0) | (input_ids >= config.vocab_size)
-        if bool(out_of_range.any()):
-            bad = int(input_ids[out_of_range][0])
-            raise ValueError(
-                f"Token id {bad} is out of range for vocab_size {config.vocab_size} (valid ids are 0 to "
-                f"{config.vocab_size - 1}); the tokenizer and the model config do not match: encode the text with the "
-                "tokenizer saved with this model."
-            )
+    if input_ids is not None and not torch.compiler.is_compiling():
+        check_token_ids(config, input_ids)
     if attention_mask is not None and attention_mask.dim() == 2:
-        expected = (shape[0], past_length + shape[1])
-        if tuple(attention_mask.shape) != expected:
+        expected = (shape[0], (past_length or 0) + shape[1])
+        if past_length is not None and tuple(attention_mask.shape) != expected:
             raise ValueError(
                 f"`attention_mask` has shape {tuple(attention_mask.shape)} but the input needs {expected} "
                 f"(batch, cached tokens {past_length} + new tokens {shape[1]}); pass the mask the tokenizer returned "
@@ -582,8 +601,10 @@ class SonettModel(SonettPreTrainedModel):
             use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
             use_cache = False
+        # A static cache counts its tokens in a tensor: positions use it as is; the checks read it once, eagerly.
         past_length = cache.get_seq_length() if cache is not None else 0
-        cache_batch_size = cache.cached_batch_size() if hasattr(cache, "cached_batch_size") else None
+        compiling = torch.compiler.is_compiling()
+        cache_batch_size = cache.cached_batch_size() if hasattr(cache, "cached_batch_size") and not compiling else None
         if position_ids is not None and position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
         check_text_inputs(
@@ -592,10 +613,12 @@ class SonettModel(SonettPreTrainedModel):
             inputs_embeds,
             attention_mask,
             position_ids,
-            past_length,
+            None if compiling else int(past_length),
             cache_batch_size,
             self.embed_tokens.weight.dtype,
         )
+        if cache is not None and hasattr(cache, "check_room") and not compiling:
+            cache.check_room((input_ids if input_ids is not None else inputs_embeds).shape[1])
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -796,9 +819,22 @@ class SonettModel(SonettPreTrainedModel):
             record.add_attention(i, weights, placement)
         return hidden_states
 
-    def make_cache(self) -> SonettCache:
-        """An empty cache for this model, its windowed layers trimmed to what their heads can see."""
-        return SonettCache(self.config, layer_windows=self.inference_windows())
+    def make_cache(self, cache_implementation: str = "dynamic", max_cache_len: int | None = None) -> SonettCache:
+        """An empty cache for this model, its windowed layers trimmed to what their heads can see.
+
+        Args:
+            cache_implementation: "dynamic" (`SonettCache`, grows as needed, saves to a memory file) or "static"
+                (`SonettStaticCache`, fixed shapes for `torch.compile`).
+            max_cache_len: for "static", the tokens (prompt + new) its full_attention layers must hold.
+        """
+        if cache_implementation in (None, "dynamic"):
+            return SonettCache(self.config, layer_windows=self.inference_windows())
+        if cache_implementation == "static":
+            return SonettStaticCache(self.config, max_cache_len=max_cache_len, layer_windows=self.inference_windows())
+        raise ValueError(
+            f"Sonett cannot use cache_implementation={cache_implementation!r}; it supports "
+            f"{', '.join(repr(name) for name in SUPPORTED_CACHE_IMPLEMENTATIONS)} (None means 'dynamic')."
+        )
 
     def inference_windows(self) -> dict[int, int]:
         """Cache window per windowed layer: the learned span where adaptive spans are on, else the config's."""
@@ -823,14 +859,17 @@ class SonettModel(SonettPreTrainedModel):
 
     @staticmethod
     def _default_position_ids(
-        inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int
+        inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int | torch.Tensor
     ) -> torch.LongTensor:
-        """Positions `(batch, seq)` counting only real tokens when a 2-D padding mask is given."""
+        """Positions `(batch, seq)` counting only real tokens when a 2-D padding mask is given.
+
+        `past_length` may be a 0-d tensor (a static cache's count), so no value is read back to the host.
+        """
         seq_len = inputs_embeds.shape[1]
         if attention_mask is not None and attention_mask.dim() == 2:
             positions = attention_mask.long().cumsum(-1) - 1
             return positions.clamp(min=0)[:, -seq_len:]
-        positions = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
+        positions = torch.arange(seq_len, device=inputs_embeds.device) + past_length
         return positions.unsqueeze(0).expand(inputs_embeds.shape[0], -1)
 
 
@@ -856,14 +895,38 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
         """Learned span in tokens `(heads,)` of every adaptive-span layer, by layer index."""
         return self.model.attention_spans()
 
-    def make_cache(self) -> SonettCache:
+    def make_cache(self, cache_implementation: str = "dynamic", max_cache_len: int | None = None) -> SonettCache:
         """An empty cache for this model (see `SonettModel.make_cache`)."""
-        return self.model.make_cache()
+        return self.model.make_cache(cache_implementation, max_cache_len)
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        """Give `generate()` this model's own `SonettCache` up front (so `prefill_chunk_size` works too)."""
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """Give `generate()` this model's own cache up front (so `prefill_chunk_size` works too).
+
+        `generation_config.cache_implementation` picks it: None or "dynamic" gives a `SonettCache`, "static" a
+        `SonettStaticCache` holding `max_length` tokens (or `generation_config.max_cache_len`, if larger), which
+        `generate` may compile the decode step for (see `compile_config`). Other implementations raise a ValueError.
+        """
+        implementation = generation_config.cache_implementation
+        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
+            # transformers checks a user cache against cache_implementation and marks it as the user's.
+            super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+            return
+        if implementation not in (None, *SUPPORTED_CACHE_IMPLEMENTATIONS):
+            raise ValueError(
+                f"Sonett cannot honour cache_implementation={implementation!r}: its layers keep their own per-kind "
+                f"state. Use one of {', '.join(repr(name) for name in SUPPORTED_CACHE_IMPLEMENTATIONS)} (or None, "
+                "the dynamic cache)."
+            )
+        if implementation == "static":
+            # One spare slot: the 2-D mask then stays shorter than the cache up to the last step, which would
+            # otherwise flip a shape guard in transformers' mask padding and recompile a compiled decode step.
+            length = max(max_cache_length + 1, generation_config.max_cache_len or 0)
+            model_kwargs["cache"] = self.make_cache("static", max_cache_len=length)
+        else:
             model_kwargs["cache"] = self.make_cache()
             if generation_config.is_assistant:  # an assistant's drafts are rolled back when rejected
                 model_kwargs["cache"].activate_past_recording()
@@ -885,15 +948,29 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
                     )
         super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
 
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+        """What `generate` hands `forward` as the mask when the cache is static: the 2-D padding mask as it is.
+
+        transformers would prepare one mask per layer kind here; Sonett builds them in `forward` (its linear and
+        memory layers read the 2-D padding mask itself, and windowed layers of a static cache mask their own slots).
+        Its length grows by one per step, so it is marked dynamic: a compiled decode step then compiles once.
+        """
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
+        return attention_mask
+
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
-        """Check the 2-D `attention_mask` given to `generate` against the prompt before positions are derived from it
-        (generate drops an all-ones mask afterwards, so forward would never see a wrong one)."""
+        """Check the prompt once per `generate` call, before positions are derived from it: its token ids (a compiled
+        prefill skips that check) and its 2-D `attention_mask` (generate drops an all-ones mask afterwards, so
+        forward would never see a wrong one)."""
         mask = model_kwargs.get("attention_mask")
         ids = model_kwargs.get("input_ids")
         prompt = ids if ids is not None and ids.shape[1] > 0 else inputs_tensor
+        if prompt.dim() == 2 and not prompt.is_floating_point() and prompt.dtype != torch.bool:
+            check_token_ids(self.config, prompt)
         if mask is not None and mask.dim() == 2:
             cache = model_kwargs.get("cache")
-            past = cache.get_seq_length() if cache is not None else 0
+            past = int(cache.get_seq_length()) if cache is not None else 0
             expected = (prompt.shape[0], past + prompt.shape[1])
             if tuple(mask.shape) != expected and tuple(mask.shape) != tuple(prompt.shape[:2]):
                 raise ValueError(
