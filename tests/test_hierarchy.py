@@ -339,13 +339,6 @@ def test_hierarchy_round_trips_through_the_config_file(tmp_path):
     assert list(config.hierarchy_span()) == [1]
 
 
-def test_positions_that_restart_inside_a_row_are_refused():
-    model = hourglass_model(2)
-    positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
-    with pytest.raises(ValueError, match="consecutive positions"):
-        model(random_ids(1, 6), position_ids=positions)
-
-
 def test_assisted_decoding_rollback_is_refused():
     model = hourglass_model(2)
     with torch.no_grad():

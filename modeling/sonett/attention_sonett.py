@@ -29,7 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache_sonett import SonettStaticSlidingWindowLayer
 from .configuration_sonett import SonettConfig
-from .layers_sonett import apply_rotary_pos_emb
+from .layers_sonett import PackedDocuments, apply_rotary_pos_emb
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -137,6 +137,57 @@ def static_window_mask(
     )
 
 
+# Backends whose custom 4-D masks are tested (flex_attention is not: see `custom_4d_mask`).
+CUSTOM_MASK_BACKENDS = ("eager", "sdpa")
+
+
+def custom_4d_mask(
+    kind: str,
+    *,
+    config: SonettConfig,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: Cache | None,
+    layer_idx: int,
+    **kwargs,
+) -> torch.Tensor:
+    """A user's 4-D mask `(batch or 1, 1, q_len, past + q_len)` made ready for one softmax layer.
+
+    The mask is used as given (transformers' convention): bool (True = may attend) or float, added to the scores.
+    On top of it, a `sliding_attention` layer keeps its window (a key more than `sliding_window - 1` positions
+    back stays invisible, as it is without a mask). The key columns are cut to what this layer's cache holds (a
+    windowed cache keeps only the last keys), and a bool mask becomes additive for the backends other than sdpa.
+    Returns `(batch or 1, 1, q_len, kv_len)`, bool for sdpa, else in the dtype of `inputs_embeds`. Other backends
+    than eager and sdpa raise a ValueError.
+    """
+    if config._attn_implementation not in CUSTOM_MASK_BACKENDS:
+        raise ValueError(
+            f"A custom 4-D attention_mask needs attn_implementation 'eager' or 'sdpa', not "
+            f"{config._attn_implementation!r} (flex_attention reads a tensor mask through a score modification that "
+            "torch 2.13 cannot compile on CPU, in transformers' own models too). Call "
+            "model.set_attn_implementation('sdpa'), or pass position_ids that restart at 0 at each document instead "
+            "of a block-diagonal mask."
+        )
+    dtype, device = inputs_embeds.dtype, inputs_embeds.device
+    q_len, width = inputs_embeds.shape[1], attention_mask.shape[-1]
+    mask = attention_mask.to(device)
+    kv_offset = 0
+    if cache is not None:
+        kv_length, kv_offset = cache.get_mask_sizes(q_len, layer_idx)
+        mask = mask[..., kv_offset : kv_offset + kv_length]
+    lowest = torch.finfo(dtype).min
+    if mask.dtype != torch.bool:
+        mask = mask.to(dtype).clamp_min(lowest)
+    if kind == "sliding_attention":
+        query = torch.arange(width - q_len, width, device=device)[:, None]
+        key = torch.arange(kv_offset, kv_offset + mask.shape[-1], device=device)[None, :]
+        inside = query - key < config.sliding_window
+        mask = mask & inside if mask.dtype == torch.bool else mask.masked_fill(~inside, lowest)
+    if mask.dtype == torch.bool and config._attn_implementation != "sdpa":
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, lowest)
+    return mask
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -232,12 +283,19 @@ class SonettAttention(nn.Module):
         return bias
 
     @staticmethod
-    def build_mask(kind: str, allow_blocked: bool = True, **mask_kwargs) -> torch.Tensor | BlockedLocalMask | None:
+    def build_mask(
+        kind: str, allow_blocked: bool = True, documents: PackedDocuments | None = None, **mask_kwargs
+    ) -> torch.Tensor | BlockedLocalMask | None:
         """The mask of one layer kind, in the format the configured attention backend expects.
 
         A long windowed prefill (no padding, nothing cached, eager or sdpa) gets a `BlockedLocalMask` instead of
-        a dense `(seq, seq)` mask, unless `allow_blocked` is False (attention weights were requested).
+        a dense `(seq, seq)` mask, unless `allow_blocked` is False (attention weights were requested) or the rows
+        are packed (`documents`: then transformers' mask builders see the restarting `position_ids`, with no 2-D
+        mask and no cache, and give a block-diagonal mask). A custom 4-D `attention_mask` is used as given (see
+        `custom_4d_mask`).
         """
+        if mask_kwargs["attention_mask"] is not None and mask_kwargs["attention_mask"].dim() == 4:
+            return custom_4d_mask(kind, **mask_kwargs)
         if kind == "full_attention":
             return create_causal_mask(**mask_kwargs)
         config, cache = mask_kwargs["config"], mask_kwargs["cache"]
@@ -249,6 +307,7 @@ class SonettAttention(nn.Module):
         # Cheap tests first: a decode step never reads the mask's values here (no host sync).
         if (
             allow_blocked
+            and documents is None
             and seq_len > 2 * window
             and config._attn_implementation in ("eager", "sdpa")
             and not config.adaptive_span
@@ -330,4 +389,4 @@ class SonettAttention(nn.Module):
         return attention_interface(self, query, key, value, attention_mask, **common, **kwargs)
 
 
-__all__ = ["SonettAttention", "eager_attention_forward"]
+__all__ = ["SonettAttention", "custom_4d_mask", "eager_attention_forward"]

@@ -103,6 +103,33 @@ class SonettRotaryEmbedding(nn.Module):
         return (emb.cos() * scaling).to(hidden_states.dtype), (emb.sin() * scaling).to(hidden_states.dtype)
 
 
+class PackedDocuments:
+    """The documents of packed rows: several sequences back to back in one row, `position_ids` restarting at each.
+
+    ids: `(batch, seq)` long, the document of each token within its row (0, 0, 1, 1, 1, 2, ...), counted as
+    transformers' `find_packed_sequence_indices` counts them (a new document wherever the position does not grow
+    by 1). Softmax layers get a block-diagonal mask from transformers; the recurrent kinds read this to reset
+    their state at each document start.
+    """
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def starts(self) -> torch.Tensor:
+        """`(batch, seq)` bool, True at the first token of every document (index 0 included)."""
+        return torch.nn.functional.pad(self.ids[:, 1:] != self.ids[:, :-1], (1, 0), value=True)
+
+    def offsets(self) -> torch.Tensor:
+        """`(batch, seq)` long, each token's index within its own document."""
+        index = torch.arange(self.ids.shape[1], device=self.ids.device).expand_as(self.ids)
+        first = torch.where(self.starts(), index, 0).cummax(dim=1).values
+        return index - first
+
+    def lengths(self, row: int) -> list[int]:
+        """The lengths of the documents of one row, in order."""
+        return self.ids[row].unique_consecutive(return_counts=True)[1].tolist()
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """Swap and negate the two halves of the last dimension."""
     first, second = x.chunk(2, dim=-1)
@@ -117,4 +144,4 @@ def apply_rotary_pos_emb(
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-__all__ = ["SonettMLP", "SonettRMSNorm", "SonettRotaryEmbedding", "apply_rotary_pos_emb"]
+__all__ = ["PackedDocuments", "SonettMLP", "SonettRMSNorm", "SonettRotaryEmbedding", "apply_rotary_pos_emb"]

@@ -29,9 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.utils import logging
 
 from .configuration_sonett import SonettConfig
-from .layers_sonett import SonettRMSNorm
+from .layers_sonett import PackedDocuments, SonettRMSNorm
+
+logger = logging.get_logger(__name__)
 
 try:  # optional fused GPU kernels; remote-code import checks skip imports inside `try`
     from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
@@ -79,6 +82,7 @@ def chunk_linear_attention(
     log_decay: torch.Tensor,
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise-parallel gated linear attention, computed in fp32.
 
@@ -94,6 +98,8 @@ def chunk_linear_attention(
         log_decay: log a_t <= 0, `(batch, heads, seq)`.
         chunk_size: tokens per chunk.
         initial_state: state before the first token `(batch, heads, d_phi, head_dim)`, or None for zeros.
+        resets: `(batch, seq)` bool, True at the first token of a packed document: the state before it is
+            forgotten (a decay of 0), so no document reads an earlier one. None: no resets.
 
     Returns:
         The output `(batch, heads, seq, head_dim)` in `v.dtype` and the final state
@@ -101,6 +107,8 @@ def chunk_linear_attention(
     """
     batch, heads, seq_len, d_phi = q_feat.shape
     head_dim = v.shape[-1]
+    if resets is not None and not bool(resets.any()):
+        resets = None
     with torch.autocast(device_type=q_feat.device.type, enabled=False):
         q, k, values, g = (t.float() for t in (q_feat, k_feat, v, log_decay))
         pad = (-seq_len) % chunk_size
@@ -115,14 +123,23 @@ def chunk_linear_attention(
 
         # Intra-chunk: decay matrix exp(L_i - L_j) for j <= i, 0 above the diagonal (masked before exp).
         causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+        # With resets, `segment` counts the resets within the chunk up to each token: tokens read only their own
+        # segment, the carried state reaches only segment 0, and only the last segment writes the state.
+        segment = None
+        if resets is not None:
+            segment = F.pad(resets.to(q.device), (0, pad)).view(batch, 1, n_chunks, chunk_size).long().cumsum(-1)
+            causal = causal & (segment[..., :, None] == segment[..., None, :])
         relative = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf"))
         scores = (q @ k.transpose(-1, -2)) * relative.exp()
         intra = scores @ values  # (batch, heads, chunks, chunk, head_dim)
 
         # What each chunk adds to the state at its end, and how much the state decays across it.
         to_end = (cum[..., -1:] - cum).exp()  # (batch, heads, chunks, chunk)
-        chunk_kv = (k * to_end[..., None]).transpose(-1, -2) @ values  # (batch, heads, chunks, d_phi, head_dim)
         chunk_decay = cum[..., -1].exp()  # (batch, heads, chunks)
+        if segment is not None:
+            to_end = to_end * (segment == segment[..., -1:])
+            chunk_decay = chunk_decay * (segment[..., -1] == 0)
+        chunk_kv = (k * to_end[..., None]).transpose(-1, -2) @ values  # (batch, heads, chunks, d_phi, head_dim)
 
         state = q.new_zeros(batch, heads, d_phi, head_dim) if initial_state is None else initial_state.float()
         states_before = []
@@ -130,7 +147,8 @@ def chunk_linear_attention(
             states_before.append(state)
             state = state * chunk_decay[:, :, index, None, None] + chunk_kv[:, :, index]
         before = torch.stack(states_before, dim=2)  # (batch, heads, chunks, d_phi, head_dim)
-        inter = (q * cum.exp()[..., None]) @ before
+        carried = cum.exp() if segment is None else cum.exp() * (segment == 0)
+        inter = (q * carried[..., None]) @ before
         out = (intra + inter).reshape(batch, heads, n_chunks * chunk_size, head_dim)[:, :, :seq_len]
     return out.to(v.dtype), state
 
@@ -141,6 +159,7 @@ def recurrent_linear_attention(
     v: torch.Tensor,
     log_decay: torch.Tensor,
     initial_state: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-by-token gated linear attention in fp32: S_t = a_t S_{t-1} + φk_tᵀ v_t, o_t = φq_t S_t.
 
@@ -150,6 +169,7 @@ def recurrent_linear_attention(
         v: values `(batch, heads, seq, head_dim)`.
         log_decay: log a_t <= 0, `(batch, heads, seq)`.
         initial_state: state before the first token `(batch, heads, d_phi, head_dim)`, or None for zeros.
+        resets: `(batch, seq)` bool, True where a packed document starts (a_t = 0 there), or None.
 
     Returns:
         The output `(batch, heads, seq, head_dim)` in `v.dtype` and the final state
@@ -159,9 +179,12 @@ def recurrent_linear_attention(
     with torch.autocast(device_type=q_feat.device.type, enabled=False):
         q, k, values, g = (t.float() for t in (q_feat, k_feat, v, log_decay))
         state = q.new_zeros(batch, heads, d_phi, v.shape[-1]) if initial_state is None else initial_state.float()
+        decay = g.exp()
+        if resets is not None:
+            decay = decay * ~resets.to(decay.device)[:, None, :]
         outputs = []
         for t in range(seq_len):
-            state = state * g[:, :, t, None, None].exp() + k[:, :, t, :, None] * values[:, :, t, None, :]
+            state = state * decay[:, :, t, None, None] + k[:, :, t, :, None] * values[:, :, t, None, :]
             outputs.append((q[:, :, t, None, :] @ state).squeeze(-2))
         out = torch.stack(outputs, dim=2)
     return out.to(v.dtype), state
@@ -259,12 +282,17 @@ class SonettLinearAttention(nn.Module):
         *,
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        documents: PackedDocuments | None = None,
         **kwargs,
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor | PackedDocuments | None:
         """Padding mask of the current tokens `(batch, seq)` (True = real), or None without any padding.
 
-        Only a 2-D `attention_mask` `(batch, past + seq)` can be used; a prepared 4-D mask gives None.
+        Only a 2-D `attention_mask` `(batch, past + seq)` can be used (the model refuses a 4-D one for this kind).
+        Packed rows (`documents`, never padded) give the `PackedDocuments` themselves: the state resets at each
+        document start.
         """
+        if documents is not None:
+            return documents
         if attention_mask is None or attention_mask.dim() != 2:
             return None
         mask = attention_mask[:, -inputs_embeds.shape[1] :].bool()
@@ -272,18 +300,29 @@ class SonettLinearAttention(nn.Module):
             return mask  # an all-True mask changes nothing, and testing for it would read the mask back to the host
         return None if bool(mask.all()) else mask
 
-    def short_conv(self, x: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def short_conv(
+        self, x: torch.Tensor, conv_state: torch.Tensor | None, offsets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Causal depthwise convolution + SiLU.
 
         x `(batch, seq, channels)`, conv_state the previous `(batch, channels, conv_size - 1)` inputs or None
-        (zeros). Returns the output `(batch, seq, channels)` and the new conv state (None for conv_size 1).
+        (zeros). `offsets` `(batch, seq)`, each token's index within its packed document, or None: a token then
+        sees no input of an earlier document (as if they were the zeros before a first token). Returns the output
+        `(batch, seq, channels)` and the new conv state (None for conv_size 1).
         """
         x = x.transpose(1, 2)
         tail = self.conv_size - 1
         if conv_state is None:
             conv_state = x.new_zeros(x.shape[0], x.shape[1], tail)
         full = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # (batch, channels, tail + seq)
-        out = F.conv1d(full, self.conv1d.weight, groups=self.conv_channels)
+        if offsets is None:
+            out = F.conv1d(full, self.conv1d.weight, groups=self.conv_channels)
+        else:
+            # Tap i reads the input `tail - i` tokens back; keep it only inside the token's own document.
+            windows = full.unfold(-1, self.conv_size, 1)  # (batch, channels, seq, conv_size)
+            lags = torch.arange(tail, -1, -1, device=x.device)
+            inside = (lags <= offsets.to(x.device)[..., None])[:, None].to(x.dtype)  # (batch, 1, seq, conv_size)
+            out = (windows * inside * self.conv1d.weight[:, 0, None, :].to(x.dtype)).sum(-1)
         new_state = full[..., full.shape[-1] - tail :] if tail > 0 else None
         return F.silu(out).transpose(1, 2), new_state
 
@@ -303,7 +342,8 @@ class SonettLinearAttention(nn.Module):
         Args:
             hidden_states: `(batch, seq, hidden_size)`, the normed residual stream.
             position_embeddings: unused (linear attention is position-free apart from decay and conv).
-            attention_mask: `(batch, seq)` bool padding mask from `build_mask` (True = real token), or None.
+            attention_mask: from `build_mask`: the `(batch, seq)` bool padding mask (True = real token), the
+                `PackedDocuments` of packed rows (the state and the conv restart at each document), or None.
             cache: a `SonettCache`; this layer's recurrent and conv states are read and replaced.
 
         Returns:
@@ -312,6 +352,7 @@ class SonettLinearAttention(nn.Module):
         batch, seq_len, _ = hidden_states.shape
         layer = cache.layers[self.layer_idx] if cache is not None else None
         recurrent_state, conv_state = layer.get_state() if layer is not None else (None, None)
+        documents = attention_mask if isinstance(attention_mask, PackedDocuments) else None
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
         if mask is not None:
             mask = mask.to(device=hidden_states.device, dtype=torch.bool)
@@ -324,7 +365,8 @@ class SonettLinearAttention(nn.Module):
             qkv = torch.cat([q, k, v], dim=-1)
             if mask is not None:  # padded inputs look like the zeros before the first token
                 qkv = qkv * mask[..., None].to(qkv.dtype)
-            qkv, new_conv_state = self.short_conv(qkv, conv_state)
+            offsets = documents.offsets() if documents is not None else None
+            qkv, new_conv_state = self.short_conv(qkv, conv_state, offsets)
             q, k, v = qkv.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
 
         q = q.view(batch, seq_len, self.num_heads, self.feature_dim).transpose(1, 2)
@@ -339,12 +381,19 @@ class SonettLinearAttention(nn.Module):
             k_feat = k_feat * keep[..., None].to(k_feat.dtype)
             log_decay = log_decay.masked_fill(~keep, 0.0)
 
-        if self.use_fla(q_feat):
+        resets = documents.starts() if documents is not None else None
+        if self.use_fla(q_feat) and resets is not None:
+            # fla's simple-GLA kernels reset only between varlen sequences of a batch of one; the PyTorch form
+            # honours resets in any layout.
+            logger.warning_once("Packed sequences: linear_attention runs its PyTorch form instead of the fla kernels.")
+        if self.use_fla(q_feat) and resets is None:
             out, new_state = fla_linear_attention(q_feat, k_feat, v, log_decay, recurrent_state, recurrent=seq_len == 1)
         elif seq_len == 1:
             out, new_state = recurrent_linear_attention(q_feat, k_feat, v, log_decay, recurrent_state)
         else:
-            out, new_state = chunk_linear_attention(q_feat, k_feat, v, log_decay, self.chunk_size, recurrent_state)
+            out, new_state = chunk_linear_attention(
+                q_feat, k_feat, v, log_decay, self.chunk_size, recurrent_state, resets=resets
+            )
 
         out = self.norm(out.float().transpose(1, 2)).to(hidden_states.dtype)  # (batch, seq, heads, head_dim)
         gate = F.silu(self.gate_proj(hidden_states)).view(batch, seq_len, self.num_heads, self.head_dim)

@@ -32,7 +32,7 @@ from transformers.cache_utils import Cache
 from .attention_sonett import SonettAttention
 from .cache_sonett import SonettMemoryLayer, SonettStaticMemoryLayer
 from .configuration_sonett import SonettConfig
-from .layers_sonett import apply_rotary_pos_emb
+from .layers_sonett import PackedDocuments, apply_rotary_pos_emb
 
 # Added to the linear readout's denominator; the readout is 0 while the memory is empty.
 MEMORY_EPS = 1e-6
@@ -47,10 +47,13 @@ class MemoryAttentionMask(NamedTuple):
         `BlockedLocalMask` for a long unpadded prefill, or None).
     padding: the 2-D padding mask `(batch, cached + new tokens)`, True for real tokens; None when the caller gave
         no 2-D mask (then every token is real).
+    documents: the `PackedDocuments` of packed rows (then `local` is block-diagonal and each document's memory
+        starts empty), or None.
     """
 
     local: torch.Tensor | None
     padding: torch.Tensor | None
+    documents: PackedDocuments | None = None
 
 
 def memory_feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -199,15 +202,20 @@ class SonettMemoryAttention(SonettAttention):
         init.zeros_(self.gate)
 
     @staticmethod
-    def build_mask(kind: str, allow_blocked: bool = True, **mask_kwargs) -> MemoryAttentionMask:
+    def build_mask(
+        kind: str, allow_blocked: bool = True, documents: PackedDocuments | None = None, **mask_kwargs
+    ) -> MemoryAttentionMask:
         """The local mask of a `sliding_attention` layer and the 2-D padding mask (for the memory) of this step.
 
-        `allow_blocked` as in `SonettAttention.build_mask` (False when attention weights were requested).
+        `allow_blocked` and `documents` as in `SonettAttention.build_mask` (blocked: False when attention weights
+        were requested; documents: the packed documents, which the memory keeps apart).
         """
         attention_mask = mask_kwargs.get("attention_mask")
         padding = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
-        local = SonettAttention.build_mask("sliding_attention", allow_blocked=allow_blocked, **mask_kwargs)
-        return MemoryAttentionMask(local=local, padding=padding)
+        local = SonettAttention.build_mask(
+            "sliding_attention", allow_blocked=allow_blocked, documents=documents, **mask_kwargs
+        )
+        return MemoryAttentionMask(local=local, padding=padding, documents=documents)
 
     def _cache_layer(self, cache: Cache) -> SonettMemoryLayer:
         layer = cache.layers[self.layer_idx]
@@ -239,9 +247,9 @@ class SonettMemoryAttention(SonettAttention):
             The output `(batch, L, hidden_size)` and the local attention probabilities (eager only, else None).
         """
         if isinstance(attention_mask, MemoryAttentionMask):
-            local_mask, padding = attention_mask
+            local_mask, padding, documents = attention_mask
         else:
-            local_mask, padding = attention_mask, None
+            local_mask, padding, documents = attention_mask, None, None
         input_shape = hidden_states.shape[:-1]
         length = input_shape[1]
         raw_query, raw_key, value = self.project(hidden_states)
@@ -264,17 +272,22 @@ class SonettMemoryAttention(SonettAttention):
 
         # Memory part: E = stored window + new tokens, delayed by W - P.
         stored = entry_keys.shape[-2] - length
-        memory_output, memory, normalizer = memory_read(
-            raw_query,
-            entry_keys,
-            entry_values,
-            delay=self.sliding_window - stored,
-            update=self.memory_update,
-            chunk_size=self.memory_chunk_size,
-            memory=memory,
-            normalizer=normalizer,
-            key_mask=key_mask,
-        )
+        if documents is not None:
+            if cache is not None:  # the model runs packed rows without a cache; a direct call must too
+                raise ValueError("Packed sequences cannot be run with a cache (it would mix the documents).")
+            memory_output = self._packed_memory_read(raw_query, raw_key, value, documents)
+        else:
+            memory_output, memory, normalizer = memory_read(
+                raw_query,
+                entry_keys,
+                entry_values,
+                delay=self.sliding_window - stored,
+                update=self.memory_update,
+                chunk_size=self.memory_chunk_size,
+                memory=memory,
+                normalizer=normalizer,
+                key_mask=key_mask,
+            )
         if cache is not None:
             layer.set_memory(memory, normalizer)
 
@@ -287,6 +300,25 @@ class SonettMemoryAttention(SonettAttention):
         output = gate * memory_output + (1 - gate) * local_output
         output = self.o_proj(output.reshape(*input_shape, -1).contiguous())
         return output, weights
+
+    def _packed_memory_read(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, documents: PackedDocuments
+    ) -> torch.Tensor:
+        """The memory readout of packed rows: each document on its own, from an empty memory.
+
+        queries `(batch, heads, L, d)`, keys `(batch, kv_heads, L, d)`, values `(batch, kv_heads, L, d_v)`, all raw
+        (pre-RoPE). Returns `(batch, heads, L, d_v)` in fp32.
+        """
+        rows = []
+        for row in range(queries.shape[0]):
+            lengths = documents.lengths(row)
+            pieces = zip(*(x[row : row + 1].split(lengths, dim=-2) for x in (queries, keys, values)))
+            outputs = [
+                memory_read(q, k, v, self.sliding_window, self.memory_update, self.memory_chunk_size)[0]
+                for q, k, v in pieces
+            ]
+            rows.append(torch.cat(outputs, dim=-2))
+        return torch.cat(rows, dim=0)
 
 
 __all__ = [

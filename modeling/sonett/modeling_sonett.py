@@ -33,7 +33,7 @@ from .cache_sonett import SUPPORTED_CACHE_IMPLEMENTATIONS, SonettCache, SonettSt
 from .configuration_sonett import ROPE_KINDS, SonettConfig
 from .cross_attention_sonett import SonettCrossAttentionBlock
 from .hierarchy_sonett import ShortenedPlacement, SonettHourglass
-from .layers_sonett import SonettMLP, SonettRMSNorm, SonettRotaryEmbedding
+from .layers_sonett import PackedDocuments, SonettMLP, SonettRMSNorm, SonettRotaryEmbedding
 from .linear_attention_sonett import SonettLinearAttention
 from .memory_attention_sonett import SonettMemoryAttention
 from .vision_sonett import SonettMultiModalProjector, SonettVisionModel
@@ -366,6 +366,88 @@ def check_token_ids(config: SonettConfig, input_ids: torch.Tensor) -> None:
         )
 
 
+PACKING_BACKENDS = ("eager", "sdpa", "flex_attention")
+
+
+def packed_documents(
+    position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, past_length: int, batch_size: int
+) -> PackedDocuments | None:
+    """The documents of packed rows, or None when the rows are not packed.
+
+    Rows are packed when `position_ids` `(batch or 1, seq)` restart (do not grow by 1) inside a row, with nothing
+    cached and no padding (no 2-D mask, or one of all ones), as transformers' `DataCollatorWithFlattening`
+    produces them and as its mask builders detect them (`find_packed_sequence_indices`). Positions that continue a
+    cache, and the positions of a left-padded batch, are not packing. A custom 4-D mask decides for itself.
+    Restarts between real tokens of a padded row raise a ValueError: padding and packing cannot be combined.
+    """
+    if position_ids is None or position_ids.shape[1] < 2 or past_length > 0:  # decode steps: no host sync
+        return None
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return None
+    position_ids = position_ids.expand(batch_size, -1)
+    restart = (position_ids[:, 1:] - position_ids[:, :-1]) != 1
+    if attention_mask is not None and not bool(attention_mask.all()):
+        real = attention_mask[:, -position_ids.shape[1] :].bool()
+        if bool((restart & real[:, 1:] & real[:, :-1]).any()):
+            raise ValueError(
+                "The position_ids restart inside a row that also has padding (zeros in attention_mask): packed "
+                "sequences and padding cannot be combined. Pack the documents without padding (attention_mask None, "
+                "position_ids restarting at 0 at each document, as DataCollatorWithFlattening does), or pad one "
+                "document per row with consecutive position_ids."
+            )
+        return None
+    if not bool(restart.any()):
+        return None
+    return PackedDocuments(torch.nn.functional.pad(restart.long().cumsum(-1), (1, 0)))
+
+
+def check_packing(config: SonettConfig, cache_requested: bool) -> None:
+    """Raise a ValueError for packed rows the model cannot run exactly: with a cache, or under a kernel that would
+    ignore the block-diagonal mask."""
+    if cache_requested:
+        raise ValueError(
+            "The position_ids restart inside a row (packed sequences: several documents in one row). Packed rows "
+            "run without a cache, since a cache would carry one document's state into the next: pass "
+            "use_cache=False and no cache, or give each document its own row to continue it with a cache or "
+            "generate()."
+        )
+    if config._attn_implementation not in PACKING_BACKENDS:
+        raise ValueError(
+            f"Packed sequences (position_ids that restart inside a row) need attn_implementation "
+            f"{', '.join(repr(name) for name in PACKING_BACKENDS)}, whose masks keep the documents apart; "
+            f"{config._attn_implementation!r} is not tested with them. Call model.set_attn_implementation('sdpa')."
+        )
+
+
+STATEFUL_KINDS = ("linear_attention", "memory_attention")
+
+
+def check_custom_mask(config: SonettConfig, attention_mask: torch.Tensor | None, past_length: int) -> None:
+    """Raise a ValueError for a 4-D `attention_mask` the model cannot honour.
+
+    Softmax layers use a 4-D mask as given; linear_attention and memory_attention layers keep a running state
+    (and the hierarchy pools groups of tokens), which an arbitrary token-to-token mask cannot describe.
+    """
+    if attention_mask is None or attention_mask.dim() != 4:
+        return
+    parts = [f"{kind} layers" for kind in STATEFUL_KINDS if kind in config.layer_types]
+    if config.hierarchy:
+        parts.append("hierarchy (hourglass), which pools groups of tokens")
+    if parts:
+        raise ValueError(
+            f"A 4-D attention_mask cannot be used by this model's {' and '.join(parts)}: linear and memory layers "
+            "keep a running state instead of attending to chosen keys, so an arbitrary 4-D mask means nothing to "
+            "them. This model needs a 2-D attention_mask (batch, seq) for padding, the one the tokenizer returns; "
+            "to keep packed documents apart, pass position_ids that restart at 0 at each document (and no mask)."
+        )
+    if attention_mask.shape[-1] != past_length + attention_mask.shape[-2]:
+        raise ValueError(
+            f"The 4-D `attention_mask` has {attention_mask.shape[-1]} key columns but there are "
+            f"{past_length + attention_mask.shape[-2]} keys (cached tokens {past_length} + new tokens "
+            f"{attention_mask.shape[-2]}); pass a mask of shape (batch, 1, new tokens, cached + new tokens)."
+        )
+
+
 def check_text_inputs(
     config: SonettConfig,
     input_ids: torch.Tensor | None,
@@ -549,9 +631,13 @@ class SonettModel(SonettPreTrainedModel):
         Args:
             input_ids: `(batch, seq)` token ids, or None when `inputs_embeds` is given.
             attention_mask: `(batch, past + seq)`, 1 for real tokens and 0 for padding (left padding for
-                generation); a prepared 4-D mask is used as is.
+                generation). A custom 4-D mask `(batch or 1, 1, seq, past + seq)`, bool or additive float, is used
+                as given by full and sliding layers (eager or sdpa; sliding layers keep their window); models with
+                linear, memory or hierarchy layers refuse it.
             position_ids: `(batch, seq)`; derived from `attention_mask` (or the cache length) when None, so
-                left-padded rows get the same positions as when run alone.
+                left-padded rows get the same positions as when run alone. Positions that restart inside a row
+                (with no padding and nothing cached) mark packed documents, as `DataCollatorWithFlattening` makes
+                them: each document then gets exactly its logits alone, and no cache is returned.
             cache: a `SonettCache` holding the state of earlier tokens; created when `use_cache` and None.
             inputs_embeds: `(batch, seq, hidden_size)` instead of `input_ids`.
             use_cache: return the updated cache (defaults to `config.use_cache` at inference, False in training).
@@ -597,6 +683,7 @@ class SonettModel(SonettPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         selected = selected_hidden_states(output_hidden_states)
         output_hidden_states = selected is not None or bool(output_hidden_states)
+        cache_requested = use_cache is True or cache is not None
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
@@ -619,6 +706,12 @@ class SonettModel(SonettPreTrainedModel):
         )
         if cache is not None and hasattr(cache, "check_room") and not compiling:
             cache.check_room((input_ids if input_ids is not None else inputs_embeds).shape[1])
+        check_custom_mask(self.config, attention_mask, past_length)
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        documents = packed_documents(position_ids, attention_mask, past_length, batch_size)
+        if documents is not None:
+            check_packing(self.config, cache_requested)
+            attention_mask, use_cache = None, False  # an all-ones mask says nothing; masks come from position_ids
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -629,16 +722,22 @@ class SonettModel(SonettPreTrainedModel):
         position_ids = position_ids.expand(inputs_embeds.shape[0], -1)
         check_position_limit(self.config, position_ids)
 
-        images = self._image_context(image_tokens, image_mask, cross_attention_mask, input_ids, cache, inputs_embeds)
+        images = self._image_context(
+            image_tokens, image_mask, cross_attention_mask, input_ids, cache, inputs_embeds, documents
+        )
         # Full-length layers before and after the hourglass span (all layers without a hierarchy).
         span = self.config.hierarchy_span()
         before = list(range(span.start)) if span else list(range(len(self.layers)))
         after = list(range(span.stop, len(self.layers))) if span else []
         record = _Recorder(output_hidden_states, output_attentions, len(self.layers))
-        masks, rope = self._masks_and_rope(before + after, inputs_embeds, attention_mask, position_ids, cache, record)
+        masks, rope = self._masks_and_rope(
+            before + after, inputs_embeds, attention_mask, position_ids, cache, record, documents
+        )
         hidden_states = self._run_layers(before, inputs_embeds, masks, rope, cache, record, kwargs, images=images)
         if span:
-            hidden_states = self._run_hourglass(hidden_states, attention_mask, position_ids, cache, record, kwargs)
+            hidden_states = self._run_hourglass(
+                hidden_states, attention_mask, position_ids, cache, record, kwargs, documents
+            )
             hidden_states = self._run_layers(after, hidden_states, masks, rope, cache, record, kwargs, images=images)
         hidden_states = self.norm(hidden_states)
         all_hidden_states = record.hidden_states(hidden_states)
@@ -675,8 +774,10 @@ class SonettModel(SonettPreTrainedModel):
         input_ids: torch.Tensor | None,
         cache: SonettCache | None,
         inputs_embeds: torch.Tensor,
+        documents: PackedDocuments | None = None,
     ) -> _ImageContext | None:
-        """Image keys/values per cross-attention block and which image tokens each new position sees."""
+        """Image keys/values per cross-attention block and which image tokens each new position sees (in packed rows,
+        only the images of its own document when the visibility comes from the markers)."""
         if not self.cross_attention_blocks:
             if image_tokens is not None:
                 raise ValueError("This model has no cross_attention_layers, so it cannot take images.")
@@ -700,7 +801,7 @@ class SonettModel(SonettPreTrainedModel):
             if cache is not None:
                 cache.image_states, cache.image_visible = states, real_tokens
             if cross_attention_mask is None:
-                cross_attention_mask = self._markers_to_cross_mask(input_ids, real)
+                cross_attention_mask = self._markers_to_cross_mask(input_ids, real, documents)
         elif cache is not None and cache.image_states:
             states, real_tokens = cache.image_states, cache.image_visible
         else:
@@ -714,8 +815,11 @@ class SonettModel(SonettPreTrainedModel):
             visible = visible & real_tokens[:, None, :]
         return _ImageContext(states, visible)
 
-    def _markers_to_cross_mask(self, input_ids: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
-        """`(batch, seq, images)`: image n is visible from the position of its marker on (the n-th image token)."""
+    def _markers_to_cross_mask(
+        self, input_ids: torch.Tensor | None, real: torch.Tensor, documents: PackedDocuments | None = None
+    ) -> torch.Tensor:
+        """`(batch, seq, images)`: image n is visible from the position of its marker on (the n-th image token), and
+        in packed rows only within the marker's document."""
         if input_ids is None or self.config.image_token_id is None:
             raise ValueError(
                 "Pass cross_attention_mask (from SonettProcessor) with images, or input_ids and a config with "
@@ -729,7 +833,13 @@ class SonettModel(SonettPreTrainedModel):
                 f"Row {row} has {int(found[row])} image markers ({self.config.image_token_id}) in the text but "
                 f"{int(given[row])} images; give one image per marker."
             )
-        return markers[:, :, None] > torch.arange(real.shape[1], device=input_ids.device)
+        visible = markers[:, :, None] > torch.arange(real.shape[1], device=input_ids.device)
+        if documents is not None:
+            # The marker of image n sits at the first position whose count exceeds n.
+            where = (~visible).sum(dim=1).clamp(max=input_ids.shape[1] - 1)  # (batch, images)
+            image_document = documents.ids.gather(1, where)
+            visible = visible & (documents.ids[:, :, None] == image_document[:, None, :])
+        return visible
 
     def _masks_and_rope(
         self,
@@ -739,8 +849,12 @@ class SonettModel(SonettPreTrainedModel):
         position_ids: torch.Tensor,
         cache: SonettCache | None,
         record: _Recorder,
+        documents: PackedDocuments | None = None,
     ) -> tuple[dict[int, object], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """The mask of each layer (one per (kind, cache window), shared) and one RoPE table per kind."""
+        """The mask of each layer (one per (kind, cache window), shared) and one RoPE table per kind.
+
+        `documents`: the packed documents of the rows, or None; each kind's `build_mask` keeps them apart.
+        """
         mask_kwargs = {
             "config": self.config,
             "inputs_embeds": inputs_embeds,
@@ -756,7 +870,7 @@ class SonettModel(SonettPreTrainedModel):
             key = (kind, cache.layer_windows[i] if cache is not None else None)
             if key not in shared:
                 shared[key] = self.layers[i].mixer.build_mask(
-                    kind, allow_blocked=not record.output_attentions, layer_idx=i, **mask_kwargs
+                    kind, allow_blocked=not record.output_attentions, layer_idx=i, documents=documents, **mask_kwargs
                 )
             masks[i] = shared[key]
             if kind in ROPE_KINDS and kind not in rope:
@@ -771,8 +885,16 @@ class SonettModel(SonettPreTrainedModel):
         cache: SonettCache | None,
         record: _Recorder,
         kwargs: dict,
+        documents: PackedDocuments | None = None,
     ) -> torch.Tensor:
-        """The hierarchy span: shorten `(batch, seq, hidden_size)`, run its layers, upsample and add back."""
+        """The hierarchy span: shorten `(batch, seq, hidden_size)`, run its layers, upsample and add back.
+
+        Packed rows (`documents`) are unpacked into a left-padded batch of one document per row for the span, so each
+        document is shortened and runs exactly as it does alone; the span's recorded hidden states and attention
+        weights then come in that layout (one row per document).
+        """
+        if documents is not None:
+            return self._run_hourglass_packed(hidden_states, position_ids, documents, record, kwargs)
         span = self.config.hierarchy_span()
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
@@ -792,6 +914,35 @@ class SonettModel(SonettPreTrainedModel):
         token_mask = attention_mask[:, -hidden_states.shape[1] :] if attention_mask is not None else None
         state = cache.hourglass if cache is not None else None
         return self.hourglass(hidden_states, token_mask, position_ids, state, run_shortened)
+
+    def _run_hourglass_packed(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        documents: PackedDocuments,
+        record: _Recorder,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        """`_run_hourglass` for packed rows `(batch, seq, hidden_size)`: one left-padded row per document."""
+        pieces = []  # (row, start, length)
+        for row in range(hidden_states.shape[0]):
+            start = 0
+            for length in documents.lengths(row):
+                pieces.append((row, start, length))
+                start += length
+        width = max(length for _, _, length in pieces)
+
+        def left_padded(x: torch.Tensor) -> torch.Tensor:
+            rows = [x[row, start : start + length] for row, start, length in pieces]
+            pad = [(0, 0, width - length, 0) if x.dim() == 3 else (width - length, 0) for _, _, length in pieces]
+            return torch.stack([torch.nn.functional.pad(r, p) for r, p in zip(rows, pad)])
+
+        mask = left_padded(torch.ones(position_ids.shape, dtype=torch.long, device=hidden_states.device))
+        outputs = self._run_hourglass(left_padded(hidden_states), mask, left_padded(position_ids), None, record, kwargs)
+        rows: list[list[torch.Tensor]] = [[] for _ in range(hidden_states.shape[0])]
+        for index, (row, _, length) in enumerate(pieces):
+            rows[row].append(outputs[index, width - length :])
+        return torch.stack([torch.cat(row) for row in rows])
 
     def _run_layers(
         self,
