@@ -16,10 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers_chat import MESSAGES, REPLY, save_chat_folder
+from helpers_chat import MESSAGES, REPLY, bigram_chat_model, chat_tokenizer, save_chat_folder
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers.cli.serving.utils import Modality
 
-from sonett.serving import DEFAULT_HOST, auto_class_for
+from sonett import SonettForConditionalGeneration, SonettImageProcessor, SonettProcessor
+from sonett.serving import DEFAULT_HOST, SonettModelManager, add_missing_stop_tokens, auto_class_for
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -123,3 +125,24 @@ def test_auto_class_comes_from_the_auto_map(server, tmp_path):
     config.auto_map = {"AutoConfig": "configuration_sonett.SonettConfig"}
     with pytest.raises(ValueError, match="names no AutoModelForImageTextToText or AutoModelForCausalLM"):
         auto_class_for(config)
+
+
+def test_folders_without_the_turn_end_in_their_generation_config_get_it():
+    tokenizer = chat_tokenizer()
+    model = bigram_chat_model(tokenizer)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id  # as folders saved before issue 14 have it
+    add_missing_stop_tokens(model, tokenizer)
+    assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]
+
+
+def test_modality_of_remote_code_classes():
+    tokenizer = chat_tokenizer()
+    text = bigram_chat_model(tokenizer)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "image_size": 16, "patch_size": 4}
+    multimodal = SonettForConditionalGeneration.from_text_model(
+        text, cross_attention_layers=[1], vision_config=vision, image_token_id=tokenizer.image_token_id
+    )
+    processor = SonettProcessor(SonettImageProcessor(), tokenizer)
+    assert SonettModelManager.get_model_modality(text, processor=tokenizer) == Modality.LLM
+    assert SonettModelManager.get_model_modality(multimodal, processor=processor) == Modality.VLM
+    assert SonettModelManager.get_model_modality(text, processor=None) == Modality.LLM

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import transformers
+from transformers.cli.serving.model_manager import ModelManager
+from transformers.cli.serving.utils import Modality, split_revision
 
 from .hub import chat_stop_token_ids
 
@@ -69,104 +71,94 @@ def auto_class_for(config: transformers.PreTrainedConfig) -> type:
     )
 
 
-def _serving_modules():
-    """transformers' serving modules, imported only once the serving packages are known to be installed."""
-    from transformers.cli.serving import model_manager, utils
+class SonettModelManager(ModelManager):
+    """transformers' `ModelManager`, loading remote-code models through their Auto class when it cannot."""
 
-    return model_manager, utils
+    upstream_loads_remote_code: bool | None = None  # None: not tried yet
 
-
-def _manager_class() -> type:
-    model_manager, utils = _serving_modules()
-
-    class SonettModelManager(model_manager.ModelManager):
-        """transformers' `ModelManager`, loading remote-code models through their Auto class when it cannot."""
-
-        upstream_loads_remote_code: bool | None = None  # None: not tried yet
-
-        def _load_model(
-            self,
-            model_id_and_revision: str,
-            tqdm_class: type | None = None,
-            progress_callback: Callable | None = None,
-            gguf_file: str | None = None,
-        ) -> PreTrainedModel:
-            if self.upstream_loads_remote_code is not False:
-                try:
-                    model = super()._load_model(model_id_and_revision, tqdm_class, progress_callback, gguf_file)
-                except AttributeError as error:
-                    if UPSTREAM_LOOKUP_ERROR not in str(error) or gguf_file is not None:
-                        raise
-                    logger.info(
-                        "transformers %s cannot load remote-code models itself (%s); loading %s through the Auto "
-                        "class that its config.auto_map names",
-                        transformers.__version__,
-                        error,
-                        model_id_and_revision,
-                    )
-                    self.upstream_loads_remote_code = False
-                else:
-                    logger.info(
-                        "loaded %s as %s with transformers %s's own loading path; Sonett's workaround is not needed",
-                        model_id_and_revision,
-                        type(model).__name__,
-                        transformers.__version__,
-                    )
-                    self.upstream_loads_remote_code = True
-                    return model
-            return self._load_through_auto_map(model_id_and_revision, tqdm_class)
-
-        def _load_processor(self, model_id_and_revision: str, gguf_file: str | None = None):
-            """AutoProcessor as transformers loads it; the tokenizer alone for a text-only folder.
-
-            With the `sonett` package imported, AutoProcessor maps every Sonett config to SonettProcessor, which
-            needs the image processor that a text-only folder does not have (OSError).
-            """
+    def _load_model(
+        self,
+        model_id_and_revision: str,
+        tqdm_class: type | None = None,
+        progress_callback: Callable | None = None,
+        gguf_file: str | None = None,
+    ) -> PreTrainedModel:
+        """transformers' own loading path while it works; the `config.auto_map` Auto class once it fails with
+        transformers' class lookup error (decided at the first load, which `force_model` makes the startup)."""
+        if self.upstream_loads_remote_code is not False:
             try:
-                return super()._load_processor(model_id_and_revision, gguf_file=gguf_file)
-            except OSError as error:
-                model_id, revision = utils.split_revision(model_id_and_revision)
-                logger.info("no processor in %s (%s); serving with its tokenizer", model_id, error)
-                return transformers.AutoTokenizer.from_pretrained(
-                    model_id, revision=revision, trust_remote_code=self.trust_remote_code
+                model = super()._load_model(model_id_and_revision, tqdm_class, progress_callback, gguf_file)
+            except AttributeError as error:
+                if UPSTREAM_LOOKUP_ERROR not in str(error) or gguf_file is not None:
+                    raise
+                logger.info(
+                    "transformers %s cannot load remote-code models itself (%s); loading %s through the Auto "
+                    "class that its config.auto_map names",
+                    transformers.__version__,
+                    error,
+                    model_id_and_revision,
                 )
+                self.upstream_loads_remote_code = False
+            else:
+                logger.info(
+                    "loaded %s as %s with transformers %s's own loading path; Sonett's workaround is not needed",
+                    model_id_and_revision,
+                    type(model).__name__,
+                    transformers.__version__,
+                )
+                self.upstream_loads_remote_code = True
+                return model
+        return self._load_through_auto_map(model_id_and_revision, tqdm_class)
 
-        def _load_through_auto_map(self, model_id_and_revision: str, tqdm_class: type | None) -> PreTrainedModel:
-            model_id, revision = utils.split_revision(model_id_and_revision)
-            kwargs: dict[str, Any] = {
-                "revision": revision,
-                "attn_implementation": self.attn_implementation,
-                "dtype": self.dtype,
-                "device_map": self.device,
-                "trust_remote_code": self.trust_remote_code,
-                "tqdm_class": tqdm_class,
-            }
-            quantization_config = self.get_quantization_config()
-            if quantization_config is not None:
-                kwargs["quantization_config"] = quantization_config
-            config = transformers.AutoConfig.from_pretrained(model_id, **kwargs)
-            auto_class = auto_class_for(config)
-            model = auto_class.from_pretrained(model_id, **kwargs)
-            logger.info("loaded %s as %s through %s", model_id_and_revision, type(model).__name__, auto_class.__name__)
-            return model
+    def _load_processor(self, model_id_and_revision: str, gguf_file: str | None = None):
+        """AutoProcessor as transformers loads it; the tokenizer alone for a text-only folder.
 
-        def load_model_and_processor(self, model_id_and_revision: str, *args, **kwargs):
-            """Load as transformers does; a folder saved before its generation config listed `<|end|>` gets it."""
-            model, processor = super().load_model_and_processor(model_id_and_revision, *args, **kwargs)
-            add_missing_stop_tokens(model, processor)
-            return model, processor
+        With the `sonett` package imported, AutoProcessor maps every Sonett config to SonettProcessor, which
+        needs the image processor that a text-only folder does not have (OSError).
+        """
+        try:
+            return super()._load_processor(model_id_and_revision, gguf_file=gguf_file)
+        except OSError as error:
+            model_id, revision = split_revision(model_id_and_revision)
+            logger.info("no processor in %s (%s); serving with its tokenizer", model_id, error)
+            return transformers.AutoTokenizer.from_pretrained(
+                model_id, revision=revision, trust_remote_code=self.trust_remote_code
+            )
 
-        @staticmethod
-        def get_model_modality(model: PreTrainedModel, processor: Any = None) -> utils.Modality:
-            """transformers' answer for its own classes; a remote-code class is an image-text model if it takes
-            `pixel_values`, else a text model (transformers raises for class names it does not list)."""
-            try:
-                return model_manager.ModelManager.get_model_modality(model, processor=processor)
-            except ValueError:
-                takes_images = getattr(model.config, "vision_config", None) is not None
-                return utils.Modality.VLM if takes_images else utils.Modality.LLM
+    def _load_through_auto_map(self, model_id_and_revision: str, tqdm_class: type | None) -> PreTrainedModel:
+        model_id, revision = split_revision(model_id_and_revision)
+        kwargs: dict[str, Any] = {
+            "revision": revision,
+            "attn_implementation": self.attn_implementation,
+            "dtype": self.dtype,
+            "device_map": self.device,
+            "trust_remote_code": self.trust_remote_code,
+            "tqdm_class": tqdm_class,
+        }
+        quantization_config = self.get_quantization_config()
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+        config = transformers.AutoConfig.from_pretrained(model_id, **kwargs)
+        auto_class = auto_class_for(config)
+        model = auto_class.from_pretrained(model_id, **kwargs)
+        logger.info("loaded %s as %s through %s", model_id_and_revision, type(model).__name__, auto_class.__name__)
+        return model
 
-    return SonettModelManager
+    def load_model_and_processor(self, model_id_and_revision: str, *args, **kwargs):
+        """Load as transformers does; a folder saved before its generation config listed `<|end|>` gets it."""
+        model, processor = super().load_model_and_processor(model_id_and_revision, *args, **kwargs)
+        add_missing_stop_tokens(model, processor)
+        return model, processor
+
+    @staticmethod
+    def get_model_modality(model: PreTrainedModel, processor: Any = None) -> Modality:
+        """transformers' answer for its own classes; for a class it does not list (it raises ValueError), an
+        image-text model if the config has a `vision_config`, else a text model."""
+        try:
+            return ModelManager.get_model_modality(model, processor=processor)
+        except ValueError:
+            takes_images = getattr(model.config, "vision_config", None) is not None
+            return Modality.VLM if takes_images else Modality.LLM
 
 
 def add_missing_stop_tokens(model: PreTrainedModel, processor: Any) -> None:
@@ -205,7 +197,7 @@ def build_app(
     from transformers.cli.serving.transcription import TranscriptionHandler
     from transformers.cli.serving.utils import GenerationState
 
-    manager = _manager_class()(
+    manager = SonettModelManager(
         device=device,
         dtype=dtype,
         trust_remote_code=True,
@@ -240,4 +232,12 @@ def serve(
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
 
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "add_missing_stop_tokens", "auto_class_for", "build_app", "serve"]
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "SonettModelManager",
+    "add_missing_stop_tokens",
+    "auto_class_for",
+    "build_app",
+    "serve",
+]
