@@ -160,6 +160,7 @@ class SonettConfig(PreTrainedConfig):
         mlp_bias: Bias on the MLP projections.
         sliding_window: Keys a `sliding_attention` or `memory_attention` query can see, itself included.
         layer_types: One kind per layer, from `LAYER_KINDS`. Defaults to three sliding layers per full one.
+            config.json writes memory_attention as `hybrid_sliding` (`SAVED_LAYER_KIND_NAMES`); both names load.
         adaptive_span: `sliding_attention` heads learn their own span z in [0, sliding_window] through the soft
             mask clamp((R + z - d) / R, 0, 1) (Sukhbaatar et al. 2019); the cache keeps only what spans can see.
         adaptive_span_ramp: R, the length of the soft ramp.
