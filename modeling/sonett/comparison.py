@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 
 from .baselines import llama_config_matching
 from .configuration_sonett import SonettConfig
+from .hub import save_model_and_tokenizer
 from .modeling_sonett import SonettForCausalLM
 from .mqar import MQAR_GRID, mqar_accuracy, mqar_batch
 from .passkey import DEFAULT_DEPTHS, PasskeyBuilder, passkey_batch, passkey_sweep
@@ -355,8 +356,7 @@ def compare_passkey(args: PasskeyArguments, tokenizer) -> dict:
         }
         if name == "sonett":
             results[name]["memory_gates"] = memory_gate_values(model)
-        model.save_pretrained(Path(args.output_dir) / name)
-        tokenizer.save_pretrained(Path(args.output_dir) / name)
+        save_model_and_tokenizer(model, tokenizer, Path(args.output_dir) / name)
     return results
 
 

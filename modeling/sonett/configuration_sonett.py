@@ -17,6 +17,13 @@ from transformers.configuration_utils import SubConfigSpec
 # Layer kinds implemented so far. A new kind needs one mixer module (registered in modeling_sonett.py) and one
 # cache-layer class (registered in cache_sonett.py), plus its name here.
 LAYER_KINDS: tuple[str, ...] = ("full_attention", "sliding_attention", "linear_attention", "memory_attention")
+# How config.json spells a layer kind that transformers does not know. transformers parses config.json without
+# Sonett's code in places (AutoTokenizer builds a generic PreTrainedConfig from it when remote code is not trusted),
+# and its validator accepts only its own layer kinds. memory_attention, a sliding window plus a compressive memory
+# state, is saved as transformers' `hybrid_sliding` ("sliding attention + linear-attention-shaped states");
+# SonettConfig reads either name back as memory_attention.
+SAVED_LAYER_KIND_NAMES: dict[str, str] = {"memory_attention": "hybrid_sliding"}
+LOADED_LAYER_KIND_NAMES: dict[str, str] = {saved: kind for kind, saved in SAVED_LAYER_KIND_NAMES.items()}
 # Kinds whose mixer uses RoPE (linear attention is position-free apart from its decay and convolution).
 ROPE_KINDS: tuple[str, ...] = ("full_attention", "sliding_attention", "memory_attention")
 LINEAR_FEATURE_MAPS: tuple[str, ...] = ("taylor", "elu", "identity")
@@ -174,6 +181,7 @@ class SonettConfig(PreTrainedConfig):
         mlp_bias: Bias on the MLP projections.
         sliding_window: Keys a `sliding_attention` or `memory_attention` query can see, itself included.
         layer_types: One kind per layer, from `LAYER_KINDS`. Defaults to three sliding layers per full one.
+            config.json writes memory_attention as `hybrid_sliding` (`SAVED_LAYER_KIND_NAMES`); both names load.
         adaptive_span: `sliding_attention` heads learn their own span z in [0, sliding_window] through the soft
             mask clamp((R + z - d) / R, 0, 1) (Sukhbaatar et al. 2019); the cache keeps only what spans can see.
         adaptive_span_ramp: R, the length of the soft ramp.
@@ -263,6 +271,8 @@ class SonettConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self._check_integer_fields()
+        if isinstance(self.layer_types, list):
+            self.layer_types = [LOADED_LAYER_KIND_NAMES.get(kind, kind) for kind in self.layer_types]
         if self.layer_types is None:
             self.layer_types = [
                 "full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(self.num_hidden_layers)
@@ -292,6 +302,18 @@ class SonettConfig(PreTrainedConfig):
                 "(AutoConfig / AutoModelForCausalLM.from_pretrained), or point to a folder saved by a Sonett model."
             )
         return config_dict, kwargs
+
+    def to_dict(self) -> dict:
+        """The config as a dict, as transformers serializes it, with layer kinds under their saved names.
+
+        `layer_types` spells memory_attention as `hybrid_sliding` (see `SAVED_LAYER_KIND_NAMES`), so that
+        config.json also parses as a generic transformers config and `AutoTokenizer.from_pretrained(folder)` works
+        without `trust_remote_code`. Loading maps the name back.
+        """
+        output = super().to_dict()
+        if isinstance(output.get("layer_types"), list):
+            output["layer_types"] = [SAVED_LAYER_KIND_NAMES.get(kind, kind) for kind in output["layer_types"]]
+        return output
 
     def convert_rope_params_to_dict(self, **kwargs):
         """Bring `rope_parameters` to its standard form, then let transformers standardise it.

@@ -32,6 +32,7 @@ from transformers import (
     set_seed,
 )
 
+from .hub import save_model_and_tokenizer
 from .instruction_data import default_instruction_splits
 
 logger = logging.getLogger(__name__)
@@ -376,9 +377,7 @@ def merge_adapter(peft_model, tokenizer: PreTrainedTokenizerBase, folder: str | 
     The PEFT wrapper is unusable afterwards: its base layers now hold the merged weights.
     """
     merged = peft_model.merge_and_unload()
-    merged.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return Path(folder)
+    return save_model_and_tokenizer(merged, tokenizer, folder)
 
 
 def finetune(args: FinetuneArguments, training_args: TrainingArguments, splits: DatasetDict | None = None) -> dict:

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-from .hub import count_parameters
+from .hub import count_parameters, save_model_and_tokenizer
 from .image_processing_sonett import SonettImageProcessor
 from .model_card import render_model_card
 from .modeling_sonett import SonettForCausalLM, SonettForConditionalGeneration
@@ -427,9 +427,7 @@ def train_vision(args: VisionArguments) -> dict:
     }
     output = Path(args.output_dir)
     if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        unwrapped.save_pretrained(output)
-        processor.save_pretrained(output)
+        save_model_and_tokenizer(unwrapped, processor, output)
         (output / "vision_results.json").write_text(json.dumps(results, indent=2) + "\n")
         card_facts = {
             **{k: v for k, v in results.items() if k not in ("arguments", "gates", "encoder_stage")},
