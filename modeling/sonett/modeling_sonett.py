@@ -85,8 +85,8 @@ class SonettPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_flash_attn = True
     _supports_attention_backend = False
-    # The single-token decode step of every layer kind compiles with fullgraph=True on a `SonettStaticCache`; a
-    # config with a hierarchy or images cannot use that cache, so its instances set this to False (`__init__`).
+    # The single-token decode step of every layer kind (images included) compiles with fullgraph=True on a
+    # `SonettStaticCache`; a config with a hierarchy cannot use that cache, so its instances set this to False.
     _can_compile_fullgraph = True
     _is_stateful = False
 
@@ -99,9 +99,8 @@ class SonettPreTrainedModel(PreTrainedModel):
 
     def __init__(self, config: SonettConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
-        text_config = config.get_text_config(decoder=True)
-        if getattr(text_config, "hierarchy", None) or getattr(text_config, "cross_attention_layers", None):
-            self._can_compile_fullgraph = False  # no static cache for these (see SonettStaticCache)
+        if getattr(config.get_text_config(decoder=True), "hierarchy", None):
+            self._can_compile_fullgraph = False  # no static cache for a hierarchy (see SonettStaticCache)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
