@@ -8,10 +8,11 @@ and no recompilation once the 2-D mask's growing length has been seen once (that
 import pytest
 import torch
 from helpers_model import PAD, VOCAB, left_pad, random_ids, tiny_config, tiny_model
+from test_vision_model import multimodal, pixels
+from test_vision_model import prompt as image_prompt
 from transformers import CompileConfig
 
-from sonett import SonettCache, SonettForCausalLM
-from sonett.cache_sonett import SonettStaticCache
+from sonett import SonettCache, SonettForCausalLM, SonettStaticCache
 
 KINDS = {
     "full": ["full_attention", "full_attention"],
@@ -201,6 +202,22 @@ def test_generate_auto_compiles_the_decode_step_once_with_a_static_cache():
         got = greedy(model, cache_implementation="static")
     assert len(graphs) == 1, "generate did not compile the decode step, or compiled it more than once"
     assert torch.equal(got.sequences, want)
+
+
+def test_static_cache_with_images_generates_the_dynamic_tokens_and_compiles():
+    _, model = multimodal()
+    ids, images = image_prompt(), pixels()
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": PAD}
+    with torch.no_grad():
+        dynamic = model.generate(ids, pixel_values=images, **kwargs)
+        static = model.generate(ids, pixel_values=images, cache_implementation="static", **kwargs)
+        assert torch.equal(static, dynamic)
+        cache = model.make_cache("static", max_cache_len=16)
+        next_ids = model(ids, pixel_values=images, cache=cache).logits[:, -1:].argmax(-1)
+        mask = torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.long)
+        explanation = torch._dynamo.explain(model)(input_ids=next_ids, attention_mask=mask, cache=cache)
+    assert explanation.graph_break_count == 0
+    assert model._can_compile_fullgraph
 
 
 def test_can_compile_fullgraph_tells_the_truth():

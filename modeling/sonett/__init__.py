@@ -15,7 +15,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .cache_sonett import SonettCache
+from .cache_sonett import SonettCache, SonettStaticCache
 from .configuration_sonett import LAYER_KINDS, SonettConfig, SonettVisionConfig
 from .image_processing_sonett import SonettImageProcessor
 from .modeling_sonett import SonettForCausalLM, SonettForConditionalGeneration, SonettModel, SonettPreTrainedModel
@@ -46,5 +46,6 @@ __all__ = [
     "SonettModel",
     "SonettPreTrainedModel",
     "SonettProcessor",
+    "SonettStaticCache",
     "SonettVisionConfig",
 ]

@@ -854,8 +854,9 @@ class SonettStaticCache(SonettCache):
     same tokens as the dynamic `SonettCache`. Selected by `generate(..., cache_implementation="static")` or built with
     `model.make_cache("static", max_cache_len=...)`.
 
-    Not supported: a `hierarchy` (its shortened streams advance row by row) and images (cross-attention); use the
-    dynamic cache there. A static cache is not written to a memory file: save a dynamic cache instead.
+    Image keys/values (cross-attention) are computed once from the prompt and kept as they are. Not supported: a
+    `hierarchy` (its shortened streams advance row by row, in groups that differ between rows); use the dynamic
+    cache there. A static cache is not written to a memory file: save a dynamic cache instead.
 
     Args:
         config: the model config.
@@ -867,11 +868,10 @@ class SonettStaticCache(SonettCache):
         self, config: SonettConfig, max_cache_len: int | None = None, layer_windows: dict[int, int] | None = None
     ) -> None:
         text_config = config.get_text_config(decoder=True)
-        unsupported = [name for name in ("hierarchy", "cross_attention_layers") if getattr(text_config, name, None)]
-        if unsupported:
+        if getattr(text_config, "hierarchy", None):
             raise ValueError(
-                f"A static cache does not support a config with {' or '.join(unsupported)}: those states change shape "
-                "from step to step. Use the dynamic cache (generate without cache_implementation, or "
+                "A static cache does not support a config with a hierarchy: its shortened streams change shape from "
+                "step to step, row by row. Use the dynamic cache (generate without cache_implementation, or "
                 "model.make_cache())."
             )
         if "full_attention" in text_config.layer_types and (max_cache_len is None or max_cache_len < 1):

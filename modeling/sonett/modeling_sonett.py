@@ -96,8 +96,8 @@ class SonettPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True  # tests/test_modeling.py runs flex_attention on CPU
     _supports_flash_attn = False  # untested: no flash-attn kernel where the tests run
     _supports_attention_backend = False
-    # The single-token decode step of every layer kind compiles with fullgraph=True on a `SonettStaticCache`; a
-    # config with a hierarchy or images cannot use that cache, so its instances set this to False (`__init__`).
+    # The single-token decode step of every layer kind (images included) compiles with fullgraph=True on a
+    # `SonettStaticCache`; a config with a hierarchy cannot use that cache, so its instances set this to False.
     _can_compile_fullgraph = True
     # Class default; each instance says whether its layers can be cropped (see `uncroppable_parts`).
     _is_stateful = True
@@ -120,9 +120,8 @@ class SonettPreTrainedModel(PreTrainedModel):
     def __init__(self, config: SonettConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
         self._is_stateful = bool(uncroppable_parts(config))
-        text_config = config.get_text_config(decoder=True)
-        if getattr(text_config, "hierarchy", None) or getattr(text_config, "cross_attention_layers", None):
-            self._can_compile_fullgraph = False  # no static cache for these (see SonettStaticCache)
+        if getattr(config.get_text_config(decoder=True), "hierarchy", None):
+            self._can_compile_fullgraph = False  # no static cache for a hierarchy (see SonettStaticCache)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
