@@ -6,9 +6,10 @@ embedded instruction set of `instruction_data`. The tokenizer's chat template re
 the assistant replies, so the labels hold the reply tokens and their `<|end|>` and -100 everywhere else.
 
 `finetune` wraps the base model with `LoraConfig(target_modules=LORA_TARGET_MODULES)`, which reaches the
-projections of every mixer kind, the MLPs and the gated cross-attention blocks, and trains the chat template's
-special tokens through PEFT's trainable tokens (tied to the output layer). It writes an adapter folder that loads
-with `AutoPeftModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`, and optionally a merged model.
+projections of every mixer kind, the MLPs and the gated cross-attention blocks (PEFT's default for the `sonett`
+model type, `peft_sonett.py`), and trains the chat template's special tokens through PEFT's trainable tokens (tied
+to the output layer). It writes an adapter folder that loads with
+`AutoPeftModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`, and optionally a merged model.
 """
 
 from __future__ import annotations
@@ -34,18 +35,12 @@ from transformers import (
 
 from .hub import save_model_and_tokenizer
 from .instruction_data import default_instruction_splits
+from .peft_sonett import LORA_TARGET_MODULES
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# PEFT matches a string with re.fullmatch on each full module name: the projections of every decoder mixer
-# (`model.layers.<i>.mixer`, any layer kind) and MLP, and of the gated cross-attention blocks of the vision model.
-LORA_TARGET_MODULES = (
-    r"model\.(?:layers\.\d+\.(?:mixer|mlp)|cross_attention_blocks\.\d+\.(?:cross_attn|mlp))\."
-    rf"(?:{'|'.join(PROJECTIONS)})"
-)
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 BASE_MODEL_HINT = "run `make demo` to write runs/sonett-tiny, or pass --base_model <model folder or Hub id>"
 

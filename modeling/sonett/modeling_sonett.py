@@ -36,7 +36,11 @@ from .hierarchy_sonett import ShortenedPlacement, SonettHourglass
 from .layers_sonett import PackedDocuments, SonettMLP, SonettRMSNorm, SonettRotaryEmbedding
 from .linear_attention_sonett import SonettLinearAttention
 from .memory_attention_sonett import SonettMemoryAttention
+from .peft_sonett import register_peft_target_modules
 from .vision_sonett import SonettMultiModalProjector, SonettVisionModel
+
+# PEFT's default LoRA targets for `LoraConfig()` without `target_modules`, also when loaded as remote code.
+register_peft_target_modules(SonettConfig.model_type)
 
 # layer kind -> mixer module. Register new kinds here.
 MIXER_CLASSES: dict[str, type[nn.Module]] = {
