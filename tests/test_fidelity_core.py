@@ -203,7 +203,7 @@ def test_untied_lm_checkpoint_without_its_head_is_still_refused(tmp_path):
     assert loaded.lm_head.weight.shape == (VOCAB, 32)
 
 
-def test_lm_checkpoint_loads_into_a_new_head_class(tmp_path, caplog):
+def test_lm_checkpoint_loads_into_a_new_head_class(tmp_path):
     source = tiny_model("mixed")
     source.save_pretrained(tmp_path / "lm")
     head, info = SonettForScoring.from_pretrained(tmp_path / "lm", output_loading_info=True)

@@ -1096,9 +1096,9 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
                     raise ValueError(
                         f"Assisted decoding (assistant_model= or prompt_lookup_num_tokens=) verifies draft tokens and "
                         f"rolls the cache back past the rejected ones, but {who} has {' and '.join(parts)}, whose "
-                        "state cannot be rolled back to an earlier token (it already holds the rejected tokens). "
-                        "Generate without an assistant or prompt lookup (greedy, sampling and beam search work), or "
-                        "use a model with only full_attention and sliding_attention layers and no hierarchy."
+                        "state cannot be rolled back (cropped) to an earlier token: it already holds the rejected "
+                        "tokens. Generate without an assistant or prompt lookup (greedy, sampling and beam search "
+                        "work), or use a model with only full_attention and sliding_attention layers and no hierarchy."
                     )
         super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
 
