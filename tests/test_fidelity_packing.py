@@ -353,3 +353,17 @@ def test_trainer_evaluates_a_flattened_dataset_like_the_documents_alone(tmp_path
         losses = torch.stack([model(doc[None], labels=doc[None]).loss for doc in docs])
     targets = torch.tensor([len(doc) - 1 for doc in docs], dtype=torch.float)
     assert abs(eval_loss - ((losses * targets).sum() / targets.sum()).item()) <= 1e-5
+
+
+def test_packed_input_under_an_untested_attention_kernel_is_refused():
+    """A kernel without transformers' mask builders (flash, custom) would attend across documents: refused."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("sonett_packing_test_kernel", sdpa_attention_forward)
+    model = packing_model("full", "sonett_packing_test_kernel")
+    input_ids, position_ids = pack(documents())
+    with pytest.raises(ValueError, match=r"Packed sequences.*set_attn_implementation\('sdpa'\)"):
+        model(input_ids, position_ids=position_ids)
+    with torch.no_grad():  # unpacked input still runs
+        model(input_ids)
