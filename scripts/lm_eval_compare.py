@@ -83,15 +83,16 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
 
-    header = "".join(f"{task.removeprefix('stdlib_') + ' ' + metric:>26s}" for task, metric in METRICS)
-    print(f"\n{'model':36s}{'parameters':>12s}{header}")
+    width = max(len(name) for name in results["models"]) + 2
+    header = "".join(f"{task.removeprefix('stdlib_') + ' ' + metric:>30s}" for task, metric in METRICS)
+    print(f"\n{'model':{width}s}{'parameters':>12s}{header}")
     for name, entry in results["models"].items():
         cells = "".join(
-            f"{entry['scores'][f'{t}/{m}']['value']:>17.3f} ± {entry['scores'][f'{t}/{m}']['stderr']:.3f}"
+            f"{entry['scores'][f'{t}/{m}']['value']:>21.3f} ± {entry['scores'][f'{t}/{m}']['stderr']:.3f}"
             for t, m in METRICS
         )
         parameters = f"{entry['parameters']:,}" if entry["parameters"] else "?"
-        print(f"{name:36s}{parameters:>12s}{cells}")
+        print(f"{name:{width}s}{parameters:>12s}{cells}")
     print(f"\n(lm-evaluation-harness, hf backend, {args.examples} questions per task; {output_dir / 'results.json'})")
     return results
 

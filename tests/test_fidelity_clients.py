@@ -435,3 +435,36 @@ def test_lm_eval_harness_reads_sonett_exactly(folder, tmp_path):
     generated = {s["doc_id"]: s["filtered_resps"][0] for s in out["samples"]["sonett_gen"]}
     assert [generated[i] for i in range(len(PROMPTS))] == greedy
     assert out["results"]["sonett_gen"]["exact_match,none"] == pytest.approx(0.5)
+
+
+def test_stdlib_tasks_ask_only_about_held_out_files(tmp_path):
+    from sonett.data import split_by_document, stdlib_corpus
+    from sonett.harness import STDLIB_TASKS, stdlib_tasks, write_task
+
+    assert stdlib_tasks(tmp_path, examples=30, max_documents=60, validation_fraction=0.1) == list(STDLIB_TASKS)
+    splits = split_by_document(stdlib_corpus(60), 0.1, key="path")
+    held_out = [text.split("\n") for text in splits["validation"]["text"]]
+
+    def follows(lines, line):
+        """Whether `line` is a whole line of a held-out file right after `lines`."""
+        return any(
+            f[i : i + len(lines)] == lines and f[i + len(lines)] == line
+            for f in held_out
+            for i in range(len(f) - len(lines))
+        )
+
+    next_line = [json.loads(row) for row in (tmp_path / "stdlib_next_line.jsonl").read_text().splitlines()]
+    assert len(next_line) == 30
+    for doc in next_line:
+        truth = doc["choices"][doc["label"]]
+        assert len(doc["choices"]) == 4 and doc["choices"].count(truth) == 1
+        context = doc["context"].split("\n")[:-1]  # lines, each ended by a newline
+        assert follows(context, truth)
+        assert not any(follows(context, other) for other in doc["choices"] if other != truth)
+    completion = [json.loads(row) for row in (tmp_path / "stdlib_line_completion.jsonl").read_text().splitlines()]
+    assert len(completion) > 20
+    for doc in completion:
+        *context, start = doc["context"].split("\n")
+        assert doc["target"].startswith(" ") and follows(context, start + doc["target"])
+    with pytest.raises(ValueError, match=r"doc 0 lacks \['target'\]; generate_until docs need \['context', 'target'\]"):
+        write_task(tmp_path, "bad", [{"context": "x"}], "generate_until")

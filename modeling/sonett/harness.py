@@ -107,7 +107,7 @@ def stdlib_tasks(
     """
     corpus = stdlib_corpus(max_documents)
     held_out = split_by_document(corpus, validation_fraction, key="path")["validation"]
-    files = [text.splitlines() for text in held_out["text"]]
+    files = [text.split("\n") for text in held_out["text"]]
     pool = [(f, i) for f, lines in enumerate(files) for i in _questions(lines, context_lines)]
     if len({f for f, _ in pool}) < 2:
         raise ValueError(f"The held-out split has {len(files)} files and {len(pool)} usable lines; raise "
