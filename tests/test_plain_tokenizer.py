@@ -157,6 +157,7 @@ def test_fresh_process_autotokenizer_needs_no_remote_code(folders, tmp_path):
                 "linear_attention_sonett.py",
                 "memory_attention_sonett.py",
                 "modeling_sonett.py",
+                "peft_sonett.py",
                 "vision_sonett.py",
             ],
         ),

@@ -25,6 +25,7 @@ REMOTE_FILES = (
     "linear_attention_sonett.py",
     "memory_attention_sonett.py",
     "hierarchy_sonett.py",
+    "peft_sonett.py",
 )
 EVERY_KIND = ["linear_attention", "sliding_attention", "memory_attention", "full_attention"]
 HOURGLASS_KINDS = [

@@ -11,8 +11,10 @@ import logging
 from typing import Any
 
 import numpy as np
+from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import cached_file
 
 from .image_processing_sonett import SonettImageProcessor, flatten_images
 
@@ -20,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_TOKEN = "<|image|>"
 _IGNORED_TEXT_KWARGS = ("return_text_replacement_offsets",)
+# Files that hold a saved image processor; a folder without any of them is text-only.
+IMAGE_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 def _count(number: int, noun: str) -> str:
@@ -64,6 +68,30 @@ class SonettProcessor(ProcessorMixin):
         if chat_template is None:
             chat_template = getattr(tokenizer, "chat_template", None)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+        """Load the processor of a multimodal folder; a text-only folder (no image processor saved) gives its
+        tokenizer, as `AutoProcessor` does for every text-only model.
+
+        Importing `sonett` registers this class with `AutoProcessor` for the `sonett` model type, which text-only
+        folders share; without this fallback `AutoProcessor.from_pretrained(text_folder)` would fail looking for
+        an image processor.
+        """
+        lookup = {key: kwargs[key] for key in ("subfolder", "revision", "cache_dir", "token") if key in kwargs}
+        has_images = any(
+            cached_file(
+                pretrained_model_name_or_path,
+                name,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **lookup,
+            )
+            for name in IMAGE_PROCESSOR_FILES
+        )
+        if not has_images:
+            return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:
