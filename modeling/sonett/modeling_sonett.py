@@ -18,7 +18,12 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -93,6 +98,9 @@ class SonettPreTrainedModel(PreTrainedModel):
         "AutoConfig": "configuration_sonett.SonettConfig",
         "AutoModel": "modeling_sonett.SonettModel",
         "AutoModelForCausalLM": "modeling_sonett.SonettForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_sonett.SonettForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_sonett.SonettForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_sonett.SonettForQuestionAnswering",
     }
 
     @classmethod
@@ -168,6 +176,11 @@ class SonettPreTrainedModel(PreTrainedModel):
                 "(no config= or size overrides), or pass ignore_mismatched_sizes=True to re-initialise those tensors."
             )
         missing = sorted(info["missing_keys"])
+        new_head = model.new_head_weights(missing)
+        if new_head:
+            # A task head on a checkpoint of another class (e.g. a causal LM into sequence classification): the head
+            # is genuinely new; transformers' load report has already warned that it was newly initialised.
+            missing = [name for name in missing if name not in new_head]
         if missing and not allow_missing_weights:
             raise ValueError(
                 f"The checkpoint in {where} lacks {len(missing)} weights the model needs: "
@@ -177,6 +190,19 @@ class SonettPreTrainedModel(PreTrainedModel):
                 "weights yourself."
             )
         return (model, info) if want_info else model
+
+    def new_head_weights(self, missing: list[str]) -> list[str]:
+        """The `missing` weights that belong to a head this checkpoint never had, so may start untrained.
+
+        They are the weights outside the base model (`base_model_prefix`), and only when `config.architectures` (the
+        class that saved the checkpoint) names another class: a causal-LM folder loaded into
+        `SonettForSequenceClassification` gets a new `score`. Missing body weights, or a head missing from a
+        checkpoint of this very class, are truly absent and stay refused.
+        """
+        saved_by = getattr(self.config, "architectures", None) or []
+        if self.base_model is self or not saved_by or type(self).__name__ in saved_by:
+            return []
+        return [name for name in missing if not name.startswith(f"{self.base_model_prefix}.")]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as usual, with an `auto_map` that exposes every Sonett head through remote code."""
@@ -1008,10 +1034,72 @@ class SonettForConditionalGeneration(SonettForCausalLM):
         return model_kwargs
 
 
+class SonettForSequenceClassification(GenericForSequenceClassification, SonettPreTrainedModel):
+    """Sonett with a linear `score` head read at the last real token of each row (transformers' generic head).
+
+    The pooled token is the rightmost one that is not `config.pad_token_id`, so left- and right-padded batches give
+    every row the logits it gets alone. `config.num_labels` and `config.problem_type` choose the loss (regression,
+    single- or multi-label classification). Forward: `input_ids` `(batch, seq)`, `labels` `(batch,)` ->
+    `logits` `(batch, num_labels)`.
+    """
+
+    # The loss is a mean over the batch that ignores the Trainer's `num_items_in_batch`; False makes the Trainer
+    # divide it by the gradient-accumulation steps, so accumulation matches one large batch (DESIGN invariant 7).
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: SonettConfig) -> None:
+        # The body is built here, not through `AutoModel.from_config` as the generic head does: under remote code
+        # AutoModel is not registered for this config class and would ask for `trust_remote_code` again.
+        SonettPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = SonettModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+
+class SonettForTokenClassification(GenericForTokenClassification, SonettPreTrainedModel):
+    """Sonett with a linear `score` head on every token (transformers' generic head), after dropout
+    (`config.classifier_dropout`, default 0.1). Forward: `input_ids` `(batch, seq)`, `labels` `(batch, seq)` with
+    -100 ignored -> `logits` `(batch, seq, num_labels)`.
+    """
+
+    accepts_loss_kwargs = False  # a mean loss, see SonettForSequenceClassification
+
+    def __init__(self, config: SonettConfig) -> None:
+        SonettPreTrainedModel.__init__(self, config)  # body built directly, see SonettForSequenceClassification
+        self.num_labels = config.num_labels
+        self.model = SonettModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(
+            config.hidden_size, config.num_labels, bias=getattr(config, "token_classification_bias", True)
+        )
+        self.post_init()
+
+
+class SonettForQuestionAnswering(GenericForQuestionAnswering, SonettPreTrainedModel):
+    """Sonett with a span head `qa_outputs` (transformers' generic head). Forward: `input_ids` `(batch, seq)`,
+    `start_positions`/`end_positions` `(batch,)` -> `start_logits` and `end_logits` `(batch, seq)`.
+
+    A causal model sees only the tokens before each position, so put the question before the context.
+    """
+
+    accepts_loss_kwargs = False  # a mean loss, see SonettForSequenceClassification
+
+    def __init__(self, config: SonettConfig) -> None:
+        SonettPreTrainedModel.__init__(self, config)  # body built directly, see SonettForSequenceClassification
+        self.model = SonettModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+
 __all__ = [
     "MIXER_CLASSES",
     "SonettForCausalLM",
     "SonettForConditionalGeneration",
+    "SonettForQuestionAnswering",
+    "SonettForSequenceClassification",
+    "SonettForTokenClassification",
     "SonettModel",
     "SonettPreTrainedModel",
 ]
