@@ -86,7 +86,14 @@ def test_folder_is_hub_ready(run):
     assert expected <= names
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
     config = json.loads((folder / "config.json").read_text())
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert set(config["auto_map"]) == {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForCausalLM",
+        "AutoModelForSequenceClassification",
+        "AutoModelForTokenClassification",
+        "AutoModelForQuestionAnswering",
+    }
     assert config["vocab_size"] == SMALL_RUN["vocab_size"]
     card = (folder / "README.md").read_text()
     assert "$" not in card.split("```")[0]

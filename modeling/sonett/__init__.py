@@ -10,6 +10,9 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoProcessor,
     AutoTokenizer,
     PreTrainedTokenizerFast,
@@ -18,7 +21,15 @@ from transformers import (
 from .cache_sonett import SonettCache, SonettStaticCache
 from .configuration_sonett import LAYER_KINDS, SonettConfig, SonettVisionConfig
 from .image_processing_sonett import SonettImageProcessor
-from .modeling_sonett import SonettForCausalLM, SonettForConditionalGeneration, SonettModel, SonettPreTrainedModel
+from .modeling_sonett import (
+    SonettForCausalLM,
+    SonettForConditionalGeneration,
+    SonettForQuestionAnswering,
+    SonettForSequenceClassification,
+    SonettForTokenClassification,
+    SonettModel,
+    SonettPreTrainedModel,
+)
 from .processing_sonett import SonettProcessor
 
 __version__ = "0.1.0"
@@ -27,6 +38,9 @@ AutoConfig.register("sonett", SonettConfig, exist_ok=True)
 AutoModel.register(SonettConfig, SonettModel, exist_ok=True)
 AutoModelForCausalLM.register(SonettConfig, SonettForCausalLM, exist_ok=True)
 AutoModelForImageTextToText.register(SonettConfig, SonettForConditionalGeneration, exist_ok=True)
+AutoModelForSequenceClassification.register(SonettConfig, SonettForSequenceClassification, exist_ok=True)
+AutoModelForTokenClassification.register(SonettConfig, SonettForTokenClassification, exist_ok=True)
+AutoModelForQuestionAnswering.register(SonettConfig, SonettForQuestionAnswering, exist_ok=True)
 AutoTokenizer.register(SonettConfig, tokenizer_class=PreTrainedTokenizerFast, exist_ok=True)
 AutoImageProcessor.register(SonettConfig, image_processor_classes={"pil": SonettImageProcessor}, exist_ok=True)
 AutoProcessor.register(SonettConfig, SonettProcessor, exist_ok=True)
@@ -35,6 +49,9 @@ SonettConfig.register_for_auto_class()
 SonettModel.register_for_auto_class("AutoModel")
 SonettForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 SonettForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+SonettForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+SonettForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
+SonettForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
 
 __all__ = [
     "LAYER_KINDS",
@@ -42,6 +59,9 @@ __all__ = [
     "SonettConfig",
     "SonettForCausalLM",
     "SonettForConditionalGeneration",
+    "SonettForQuestionAnswering",
+    "SonettForSequenceClassification",
+    "SonettForTokenClassification",
     "SonettImageProcessor",
     "SonettModel",
     "SonettPreTrainedModel",

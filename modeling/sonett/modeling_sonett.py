@@ -22,7 +22,12 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation.configuration_utils import GenerationMode
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
@@ -119,6 +124,9 @@ class SonettPreTrainedModel(PreTrainedModel):
         "AutoConfig": "configuration_sonett.SonettConfig",
         "AutoModel": "modeling_sonett.SonettModel",
         "AutoModelForCausalLM": "modeling_sonett.SonettForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_sonett.SonettForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_sonett.SonettForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_sonett.SonettForQuestionAnswering",
     }
 
     def __init__(self, config: SonettConfig, *args, **kwargs) -> None:
@@ -1392,10 +1400,72 @@ class SonettForConditionalGeneration(SonettForCausalLM):
         return model_kwargs
 
 
+class SonettForSequenceClassification(GenericForSequenceClassification, SonettPreTrainedModel):
+    """Sonett with a linear `score` head read at the last real token of each row (transformers' generic head).
+
+    The pooled token is the rightmost one that is not `config.pad_token_id`, so left- and right-padded batches give
+    every row the logits it gets alone. `config.num_labels` and `config.problem_type` choose the loss (regression,
+    single- or multi-label classification). Forward: `input_ids` `(batch, seq)`, `labels` `(batch,)` ->
+    `logits` `(batch, num_labels)`.
+    """
+
+    # The loss is a mean over the batch that ignores the Trainer's `num_items_in_batch`; False makes the Trainer
+    # divide it by the gradient-accumulation steps, so accumulation matches one large batch (DESIGN invariant 7).
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: SonettConfig) -> None:
+        # The body is built here, not through `AutoModel.from_config` as the generic head does: under remote code
+        # AutoModel is not registered for this config class and would ask for `trust_remote_code` again.
+        SonettPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = SonettModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+
+class SonettForTokenClassification(GenericForTokenClassification, SonettPreTrainedModel):
+    """Sonett with a linear `score` head on every token (transformers' generic head), after dropout
+    (`config.classifier_dropout`, default 0.1). Forward: `input_ids` `(batch, seq)`, `labels` `(batch, seq)` with
+    -100 ignored -> `logits` `(batch, seq, num_labels)`.
+    """
+
+    accepts_loss_kwargs = False  # a mean loss, see SonettForSequenceClassification
+
+    def __init__(self, config: SonettConfig) -> None:
+        SonettPreTrainedModel.__init__(self, config)  # body built directly, see SonettForSequenceClassification
+        self.num_labels = config.num_labels
+        self.model = SonettModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(
+            config.hidden_size, config.num_labels, bias=getattr(config, "token_classification_bias", True)
+        )
+        self.post_init()
+
+
+class SonettForQuestionAnswering(GenericForQuestionAnswering, SonettPreTrainedModel):
+    """Sonett with a span head `qa_outputs` (transformers' generic head). Forward: `input_ids` `(batch, seq)`,
+    `start_positions`/`end_positions` `(batch,)` -> `start_logits` and `end_logits` `(batch, seq)`.
+
+    A causal model sees only the tokens before each position, so put the question before the context.
+    """
+
+    accepts_loss_kwargs = False  # a mean loss, see SonettForSequenceClassification
+
+    def __init__(self, config: SonettConfig) -> None:
+        SonettPreTrainedModel.__init__(self, config)  # body built directly, see SonettForSequenceClassification
+        self.model = SonettModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+
 __all__ = [
     "MIXER_CLASSES",
     "SonettForCausalLM",
     "SonettForConditionalGeneration",
+    "SonettForQuestionAnswering",
+    "SonettForSequenceClassification",
+    "SonettForTokenClassification",
     "SonettModel",
     "SonettPreTrainedModel",
 ]
