@@ -333,7 +333,6 @@ def test_sft_trainer_with_lora_trains_on_assistant_tokens_only(folder, tmp_path)
         args=args,
         train_dataset=data,
         eval_dataset=data,
-        processing_class=AutoTokenizer.from_pretrained(folder),
         peft_config=LoraConfig(task_type="CAUSAL_LM", r=4),  # the default targets registered for `sonett`
     )
     assert lora_wrapped(trainer.model) == default_targets()
