@@ -26,6 +26,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from sonett import SonettConfig, SonettForCausalLM, SonettForConditionalGeneration, SonettVisionConfig
+from sonett.configuration_sonett import SAVED_LAYER_KIND_NAMES
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sonett-main-2026-12"
 TEXT_KINDS = ["sliding_attention", "full_attention", "linear_attention", "memory_attention"]
@@ -111,7 +112,9 @@ def test_transformers_config_walkers_on_a_text_only_config(tmp_path):
     assert config.get_text_config() is config
     assert config.get_text_config(decoder=True) is config
     assert config.to_dict()["vision_config"] is None
-    assert json.loads(config.to_json_string())["layer_types"] == TEXT_KINDS
+    # config.json spells memory_attention as transformers' `hybrid_sliding` (see SAVED_LAYER_KIND_NAMES).
+    saved_kinds = [SAVED_LAYER_KIND_NAMES.get(kind, kind) for kind in TEXT_KINDS]
+    assert json.loads(config.to_json_string())["layer_types"] == saved_kinds
     assert repr(config).startswith("SonettConfig {")
     assert "vision_config" not in config.to_diff_dict() or config.to_diff_dict()["vision_config"] is None
     # The generic class knows transformers' layer kinds only (so no memory_attention).
@@ -173,11 +176,23 @@ def test_folder_saved_by_main_loads_with_identical_outputs(tmp_path):
     assert torch.equal(generated, expected["generated"])
     tokenizer = AutoTokenizer.from_pretrained(FIXTURE)
     assert len(tokenizer) == model.config.vocab_size
-    # Saved again, the config is the one main wrote (only the version stamp may differ).
+    # Saved again, the config is the one main wrote, except the version stamp, the task heads added to `auto_map`
+    # and memory_attention spelled `hybrid_sliding` (the only conversion an old folder needs, made on load).
     model.save_pretrained(tmp_path)
     old, new = (json.loads((folder / "config.json").read_text()) for folder in (FIXTURE, tmp_path))
     old.pop("transformers_version"), new.pop("transformers_version")
+    assert new.pop("auto_map") == {**old.pop("auto_map"), **new_heads()}
+    assert new.pop("layer_types") == [SAVED_LAYER_KIND_NAMES.get(kind, kind) for kind in old.pop("layer_types")]
     assert new == old
+    assert SonettConfig.from_pretrained(tmp_path).layer_types == model.config.layer_types
+
+
+def new_heads() -> dict:
+    """The task heads that every folder's auto_map names since issue 14."""
+    return {
+        f"AutoModelFor{task}": f"modeling_sonett.SonettFor{task}"
+        for task in ("SequenceClassification", "TokenClassification", "QuestionAnswering")
+    }
 
 
 def test_folder_saved_by_main_loads_as_remote_code_in_a_fresh_process(tmp_path):
