@@ -22,6 +22,7 @@ from helpers_model import max_diff
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from test_finetune import EVERY_KIND, MIXER_PROJECTIONS, MLP_PROJECTIONS, tiny_config
 from test_remote_code import NO_PACKAGE_PREAMBLE, fresh_process_env
 from transformers import (
     AutoModel,
@@ -33,20 +34,11 @@ from transformers import (
 )
 from transformers.dynamic_module_utils import get_imports
 
-from sonett import SonettConfig, SonettForCausalLM
+from sonett import SonettForCausalLM
 from sonett.instruction_data import instruction_records
 from sonett.peft_sonett import LORA_TARGET_MODULES
 from sonett.tokenizer_training import train_bpe_tokenizer
 
-EVERY_KIND = ["linear_attention", "sliding_attention", "memory_attention", "full_attention"]
-# The projections each mixer kind has (the linear mixer's `decay_proj` is a learned decay, not a projection).
-MIXER_PROJECTIONS = {
-    "linear_attention": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"},
-    "sliding_attention": {"q_proj", "k_proj", "v_proj", "o_proj"},
-    "memory_attention": {"q_proj", "k_proj", "v_proj", "o_proj"},
-    "full_attention": {"q_proj", "k_proj", "v_proj", "o_proj"},
-}
-MLP_PROJECTIONS = {"gate_proj", "up_proj", "down_proj"}
 HIERARCHY = {"shorten_factor": 2, "start_layer": 1, "end_layer": 3}
 
 
@@ -69,25 +61,6 @@ def tokenizer():
     """The project's byte-level BPE with its chat template, trained on the embedded instruction set."""
     texts = [" ".join((r["instruction"], r["input"], r["output"])) for r in instruction_records()]
     return train_bpe_tokenizer(["system user assistant"] * 5 + texts, vocab_size=400, min_frequency=2)
-
-
-def tiny_config(tokenizer, **overrides):
-    values = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": len(EVERY_KIND),
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "layer_types": list(EVERY_KIND),
-        "sliding_window": 8,
-        "linear_feature_dim": 4,
-        "initializer_range": 0.2,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    return SonettConfig(**{**values, **overrides})
 
 
 @pytest.fixture(scope="module")
