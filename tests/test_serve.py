@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -146,3 +147,47 @@ def test_modality_of_remote_code_classes():
     assert SonettModelManager.get_model_modality(text, processor=tokenizer) == Modality.LLM
     assert SonettModelManager.get_model_modality(multimodal, processor=processor) == Modality.VLM
     assert SonettModelManager.get_model_modality(text, processor=None) == Modality.LLM
+
+
+def crafted_folder(folder, marker):
+    """A folder whose config's remote code writes `marker` when anything imports it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "crafted", "architectures": ["X"], "auto_map": {"AutoConfig": "evil.Config"}})
+    )
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    return folder
+
+
+def post(url: str, body: dict) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_the_server_loads_no_other_model_and_runs_no_other_code(server, tmp_path):
+    """The server trusts remote code for the folder it was started with only: transformers' `/load_model` and
+    `/reset` routes are gone, so a request cannot make it import another folder's code."""
+    marker = tmp_path / "ran"
+    evil = crafted_folder(tmp_path / "evil", marker)
+    for route in ("/load_model", "/reset"):
+        status, _ = post(f"{server['base']}{route}", {"model": str(evil)})
+        assert status in (404, 405), route
+    with pytest.raises(openai.BadRequestError):
+        server["client"].chat.completions.create(model=str(evil), messages=MESSAGES, max_tokens=4)
+    assert not marker.exists()
+    assert get_json(f"{server['base']}/health") == {"status": "ok"}  # still serving its own folder
+
+
+def test_the_manager_refuses_any_model_but_its_own(tmp_path):
+    marker = tmp_path / "ran"
+    evil = crafted_folder(tmp_path / "evil", marker)
+    manager = SonettModelManager.__new__(SonettModelManager)  # no preload: only the refusal is under test
+    manager.force_model = str(tmp_path / "served")
+    with pytest.raises(ValueError, match="serves only"):
+        manager.load_model_and_processor(str(evil))
+    assert not marker.exists()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import transformers
 from transformers.cli.serving.model_manager import ModelManager
-from transformers.cli.serving.utils import Modality, split_revision
+from transformers.cli.serving.utils import Modality, split_model_id, split_revision
 
 from .hub import chat_stop_token_ids
 
@@ -145,7 +145,17 @@ class SonettModelManager(ModelManager):
         return model
 
     def load_model_and_processor(self, model_id_and_revision: str, *args, **kwargs):
-        """Load as transformers does; a folder saved before its generation config listed `<|end|>` gets it."""
+        """Load as transformers does; a folder saved before its generation config listed `<|end|>` gets it.
+
+        Remote code is trusted for the folder the server was started with (`force_model`) only: any other id is
+        refused before anything of it is read, so a request cannot make the server import another folder's code.
+        """
+        pinned = self.process_model_name(split_model_id(self.force_model)[0]) if self.force_model else None
+        if model_id_and_revision != pinned:
+            raise ValueError(
+                f"This server serves only {self.force_model!r} (it trusts that folder's code and no other); "
+                f"{model_id_and_revision!r} was refused. Start another `scripts/serve.py` for another model."
+            )
         model, processor = super().load_model_and_processor(model_id_and_revision, *args, **kwargs)
         add_missing_stop_tokens(model, processor)
         return model, processor
@@ -177,6 +187,10 @@ def add_missing_stop_tokens(model: PreTrainedModel, processor: Any) -> None:
         model.generation_config.eos_token_id = current + missing
 
 
+# transformers' server routes that `build_app` removes (see there).
+UNPINNING_ROUTES = ("/load_model", "/reset")
+
+
 def build_app(
     folder: str,
     device: str = "auto",
@@ -205,7 +219,7 @@ def build_app(
         force_model=folder,
     )
     state = GenerationState()
-    return build_server(
+    app = build_server(
         manager,
         ChatCompletionHandler(model_manager=manager, generation_state=state),
         completion_handler=CompletionHandler(model_manager=manager, generation_state=state),
@@ -215,6 +229,10 @@ def build_app(
         generation_state=state,
         enable_cors=enable_cors,
     )
+    # transformers' routes that load another model or unload this one: this server is pinned to one folder, whose
+    # code it trusts, so a request must not name another (its code would run) or stop the served model.
+    app.router.routes = [route for route in app.router.routes if getattr(route, "path", None) not in UNPINNING_ROUTES]
+    return app
 
 
 def serve(
