@@ -400,3 +400,17 @@ def test_assisted_decoding_with_full_and_sliding_layers_equals_greedy():
     assert torch.equal(model.generate(ids, max_new_tokens=16, do_sample=False, assistant_model=assistant), greedy)
     lookup = model.generate(repeated, max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=3)
     assert torch.equal(lookup, model.generate(repeated, max_new_tokens=16, do_sample=False))
+
+
+def test_attention_maps_with_activation_checkpointing_are_refused_under_sdpa():
+    """Activation checkpointing recomputes each layer in backward, after the per-call switch to eager attention is
+    over, so that combination cannot give the maps; it is refused by name (eager attention gives them)."""
+    model = tiny_model("full", attn_implementation="sdpa").train()
+    model.gradient_checkpointing_enable()
+    ids = random_ids(2, 8)
+    with pytest.raises(ValueError, match="set_attn_implementation\\('eager'\\)"):
+        model(ids, labels=ids, output_attentions=True)
+    model.set_attn_implementation("eager")
+    output = model(ids, labels=ids, output_attentions=True)
+    output.loss.backward()
+    assert all(weights is not None for weights in output.attentions)

@@ -89,13 +89,38 @@ def test_packed_documents_give_the_logits_and_loss_of_each_document_alone(varian
     assert abs(packed_loss.item() - expected.item()) <= 1e-5
 
 
-def test_packed_documents_in_training_mode_and_an_all_ones_mask():
-    """Training mode (no cache, dropout 0) and an explicit all-ones 2-D mask are packed the same way."""
+def test_packed_documents_in_training_mode():
+    """Training mode (no cache, dropout 0) packs the same way."""
+    model = packing_model("mixed").train()
+    assert_packed_equals_alone(model, documents((5, 12, 7), seed=11))
+
+
+def one_sequence_reference(model, input_ids, position_ids):
+    """Logits of a row run as ONE sequence with the given positions: the first token alone, then the rest through
+    the cache (positions that continue a cache are never packing)."""
+    with torch.no_grad():
+        first = model(input_ids[:, :1], position_ids=position_ids[:, :1], use_cache=True)
+        rest = model(input_ids[:, 1:], position_ids=position_ids[:, 1:], cache=first.cache).logits
+    return torch.cat([first.logits, rest], dim=1)
+
+
+def test_a_2d_mask_means_one_sequence_per_row_as_in_transformers():
+    """Only rows without an attention_mask are examined for packing, as transformers' mask builders do: with the
+    tokenizer's mask, positions that jump (e.g. PoSE-style skips, or restarts) are used as given in one sequence,
+    also in padded rows."""
     model = packing_model("mixed")
-    docs = documents((5, 12, 7), seed=11)
-    assert_packed_equals_alone(model, docs, attention_mask=torch.ones(1, sum(map(len, docs)), dtype=torch.long))
-    model.train()
-    assert_packed_equals_alone(model, docs)
+    input_ids, position_ids = pack(documents())
+    reference = one_sequence_reference(model, input_ids, position_ids)
+    with torch.no_grad():
+        with_mask = model(input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids)).logits
+        packed = model(input_ids, position_ids=position_ids).logits
+        padded_mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones_like(input_ids)], dim=1)
+        padded_ids = torch.cat([torch.zeros(1, 2, dtype=torch.long), input_ids], dim=1)
+        padded_positions = torch.cat([torch.zeros(1, 2, dtype=torch.long), position_ids], dim=1)
+        padded = model(padded_ids, position_ids=padded_positions, attention_mask=padded_mask).logits[:, 2:]
+    assert max_diff(with_mask, reference) <= 1e-4
+    assert max_diff(padded, reference) <= 1e-4
+    assert max_diff(packed, reference) > 1e-2  # without a mask the documents are kept apart
 
 
 def test_two_packed_rows_with_different_boundaries():
@@ -144,15 +169,6 @@ def test_packed_input_is_run_without_a_cache():
             model(input_ids, position_ids=position_ids, use_cache=True)
         with pytest.raises(ValueError, match="packed"):
             model(input_ids, position_ids=position_ids, cache=model.make_cache())
-
-
-def test_packed_documents_with_padding_are_refused():
-    model = packing_model("mixed")
-    input_ids, position_ids = pack(documents())
-    mask = torch.ones_like(input_ids)
-    mask[0, -2:] = 0
-    with pytest.raises(ValueError, match="padding"):
-        model(input_ids, position_ids=position_ids, attention_mask=mask)
 
 
 def test_positions_that_continue_a_cache_are_not_packing():

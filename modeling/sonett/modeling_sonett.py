@@ -386,27 +386,15 @@ def packed_documents(
     """The documents of packed rows, or None when the rows are not packed.
 
     Rows are packed when `position_ids` `(batch or 1, seq)` restart (do not grow by 1) inside a row, with nothing
-    cached and no padding (no 2-D mask, or one of all ones), as transformers' `DataCollatorWithFlattening`
-    produces them and as its mask builders detect them (`find_packed_sequence_indices`). Positions that continue a
-    cache, and the positions of a left-padded batch, are not packing. A custom 4-D mask decides for itself.
-    Restarts between real tokens of a padded row raise a ValueError: padding and packing cannot be combined.
+    cached and no `attention_mask`, as transformers' `DataCollatorWithFlattening` produces them and exactly when
+    transformers' mask builders look for packing (`find_packed_sequence_indices`). With a 2-D mask (the tokenizer's,
+    padded or not), positions are used as given in one sequence per row, as in transformers' own models; positions
+    that continue a cache are not packing either.
     """
-    if position_ids is None or position_ids.shape[1] < 2 or past_length > 0:  # decode steps: no host sync
-        return None
-    if attention_mask is not None and attention_mask.dim() == 4:
-        return None
+    if attention_mask is not None or position_ids is None or position_ids.shape[1] < 2 or past_length > 0:
+        return None  # (cheap tests first: a decode step reads nothing back from the device)
     position_ids = position_ids.expand(batch_size, -1)
     restart = (position_ids[:, 1:] - position_ids[:, :-1]) != 1
-    if attention_mask is not None and not bool(attention_mask.all()):
-        real = attention_mask[:, -position_ids.shape[1] :].bool()
-        if bool((restart & real[:, 1:] & real[:, :-1]).any()):
-            raise ValueError(
-                "The position_ids restart inside a row that also has padding (zeros in attention_mask): packed "
-                "sequences and padding cannot be combined. Pack the documents without padding (attention_mask None, "
-                "position_ids restarting at 0 at each document, as DataCollatorWithFlattening does), or pad one "
-                "document per row with consecutive position_ids."
-            )
-        return None
     if not bool(restart.any()):
         return None
     return PackedDocuments(torch.nn.functional.pad(restart.long().cumsum(-1), (1, 0)))
@@ -674,6 +662,13 @@ class SonettModel(SonettPreTrainedModel):
         """
         output_attentions = bool(output_attentions or self.config.output_attentions)
         if output_attentions and self.config._attn_implementation != "eager":
+            if self.gradient_checkpointing and self.training:
+                raise ValueError(
+                    f"output_attentions=True under {self.config._attn_implementation!r} runs this call on eager "
+                    "attention, but activation checkpointing recomputes the layers in backward, after that switch; "
+                    "call model.set_attn_implementation('eager') to get attention maps while training with "
+                    "activation checkpointing, or do not ask for them."
+                )
             with self._eager_attention():  # only eager returns the maps; the same body, without the decorators
                 return inspect.unwrap(SonettModel.forward)(
                     self,
@@ -722,7 +717,7 @@ class SonettModel(SonettPreTrainedModel):
         documents = packed_documents(position_ids, attention_mask, past_length, batch_size)
         if documents is not None:
             check_packing(self.config, cache_requested)
-            attention_mask, use_cache = None, False  # an all-ones mask says nothing; masks come from position_ids
+            use_cache = False
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
