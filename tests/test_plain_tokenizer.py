@@ -18,7 +18,13 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from test_remote_code import NO_PACKAGE_PREAMBLE, fresh_process_env
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 
-from sonett import SonettConfig, SonettForConditionalGeneration, SonettImageProcessor, SonettProcessor
+from sonett import (
+    SonettConfig,
+    SonettForCausalLM,
+    SonettForConditionalGeneration,
+    SonettImageProcessor,
+    SonettProcessor,
+)
 from sonett.configuration_sonett import SAVED_LAYER_KIND_NAMES
 from sonett.hub import save_model_and_tokenizer
 
@@ -171,3 +177,15 @@ def test_generic_config_is_what_failed_before():
     with pytest.raises(StrictDataclassClassValidationError, match="layer_types"):
         PreTrainedConfig(**values, layer_types=model.config.layer_types)
     PreTrainedConfig(**model.config.to_dict())  # the saved spelling passes
+
+
+def test_the_saved_spelling_set_after_construction_still_builds_the_model(folders):
+    """`from_pretrained(folder, layer_types=<the list from config.json>)` sets the saved spelling after the config
+    is built; the model maps it back instead of failing on an unknown mixer."""
+    saved = json.loads((folders["text"] / "config.json").read_text())["layer_types"]
+    assert "hybrid_sliding" in saved
+    model = AutoModelForCausalLM.from_pretrained(folders["text"], layer_types=saved)
+    assert model.config.layer_types == folders["model"].config.layer_types
+    config = SonettConfig.from_pretrained(folders["text"])
+    config.update({"layer_types": saved})
+    assert type(SonettForCausalLM(config).model.layers[2].mixer).__name__ == "SonettMemoryAttention"

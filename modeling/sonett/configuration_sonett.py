@@ -610,6 +610,10 @@ class SonettConfig(PreTrainedConfig):
         return range(self.hierarchy["start_layer"], self.hierarchy["end_layer"])
 
     def _check_layer_types(self) -> None:
+        """Check `layer_types`, first reading saved spellings (`hybrid_sliding`) back as Sonett's kinds, also when
+        they were set after construction (e.g. `from_pretrained(folder, layer_types=<config.json's list>)`)."""
+        if isinstance(self.layer_types, list):
+            self.layer_types = [LOADED_LAYER_KIND_NAMES.get(kind, kind) for kind in self.layer_types]
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(
                 f"SonettConfig.layer_types has {len(self.layer_types)} entries but num_hidden_layers is "

@@ -131,6 +131,7 @@ class SonettPreTrainedModel(PreTrainedModel):
 
     def __init__(self, config: SonettConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
+        config.validate_layer_type()  # settings changed after the config was built are checked (and read back) too
         self._is_stateful = bool(uncroppable_parts(config))
         if getattr(config.get_text_config(decoder=True), "hierarchy", None):
             self._can_compile_fullgraph = False  # no static cache for a hierarchy (see SonettStaticCache)
