@@ -217,6 +217,9 @@ def main() -> None:
     for noisy in ("datasets", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     commands = {"lm": main_lm, "mqar": main_mqar, "passkey": main_passkey}
+    if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help"):
+        print(f"{USAGE}\n\n{__doc__}")
+        return
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(USAGE)
     commands[sys.argv[1]](sys.argv[2:])

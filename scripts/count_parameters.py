@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +16,7 @@ PRESET_DIR = Path(__file__).resolve().parents[1] / "configuration"
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()
     print("| preset | parameters | layers (kinds) | hidden | heads / KV heads | window | vocab |")
     print("|---|---|---|---|---|---|---|")
     rows = []

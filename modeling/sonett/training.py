@@ -92,7 +92,7 @@ class PretrainArguments:
         default="sonett",
         metadata={
             "help": "sonett, or llama: a transformers LlamaForCausalLM of the preset's shape and parameter count "
-            "(within 5%), the baseline of scripts/compare.py"
+            "(within 5%%), the baseline of scripts/compare.py"  # %% : argparse formats help texts
         },
     )
     data_files: list[str] = field(
