@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sonett.conversation import Conversation
+from sonett.loading import load_model, load_tokenizer
 
 
 def main() -> None:
@@ -28,11 +28,12 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top_p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--revision", default=None, help="pin a Hub commit when loading remote code")
+    parser.add_argument("--revision", default=None, help="pin a Hub commit")
     args = parser.parse_args()
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
+    # The sonett package's own classes load the folder: none of its code runs (sonett.loading).
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    model = load_model(args.model, revision=args.revision)
     if args.memory is not None and args.memory.is_file():
         conversation = Conversation.load(args.memory, model, tokenizer)
         print(f"[memory] continuing from {args.memory}: {conversation.tokens_in_state} tokens in the state")

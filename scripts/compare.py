@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import HfArgumentParser
 
 from sonett.comparison import (
     MQARArguments,
@@ -28,6 +28,7 @@ from sonett.comparison import (
     compare_passkey,
 )
 from sonett.hub import add_quality_results
+from sonett.loading import load_tokenizer
 from sonett.mqar import MQAR_GRID
 from sonett.training import PretrainArguments
 
@@ -173,7 +174,7 @@ def main_passkey(argv: list[str]) -> None:
     (args,) = HfArgumentParser(PasskeyArguments).parse_args_into_dataclasses(args=argv)
     if not Path(args.tokenizer).is_dir():
         sys.exit(f"error: no tokenizer folder {args.tokenizer}; run `make demo` first or pass --tokenizer FOLDER.")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     results = compare_passkey(args, tokenizer)
     output_dir = Path(args.output_dir)
     write_results(output_dir, {"arguments": vars(args), "models": results})

@@ -19,9 +19,10 @@ import logging
 import sys
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from sonett.finetuning import TRAINING_DEFAULTS, FinetuneArguments, finetune, load_splits
+from sonett.loading import load_tokenizer
 
 SAMPLES = 4
 
@@ -30,8 +31,8 @@ def show_samples(adapter_dir: str, validation, count: int = SAMPLES) -> None:
     """Reload the adapter through `AutoPeftModelForCausalLM` and answer a few validation prompts greedily."""
     from peft import AutoPeftModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=True)
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, trust_remote_code=True).eval()
+    tokenizer = load_tokenizer(adapter_dir)  # no code of the folder runs (sonett.loading)
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, trust_remote_code=False).eval()
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
     step = max(1, len(validation) // count)
     for messages in validation[::step]["messages"][:count]:

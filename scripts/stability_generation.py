@@ -87,11 +87,11 @@ def full_attention_kv_bytes(config, tokens: int, element_size: int = 4) -> int:
 
 def load_model_and_tokenizer(args: argparse.Namespace):
     """A trained folder (`--model`) or a random-init model of a preset, with a loaded or freshly trained tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from sonett.loading import load_model, load_tokenizer
 
-    if args.model:
-        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
-        model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32)
+    if args.model:  # the sonett package's classes load the folder: none of its code runs
+        tokenizer = load_tokenizer(args.model)
+        model = load_model(args.model, dtype=torch.float32)
         return model.eval(), tokenizer, args.model
     from sonett import SonettForCausalLM
     from sonett.data import stdlib_corpus
@@ -100,7 +100,7 @@ def load_model_and_tokenizer(args: argparse.Namespace):
 
     preset = load_preset(args.config)
     if args.tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=True)
+        tokenizer = load_tokenizer(args.tokenizer)
     else:
         texts = stdlib_corpus(max_documents=args.tokenizer_documents)["text"]
         tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab_size or preset.get("vocab_size", 4096))

@@ -29,17 +29,19 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import HfArgumentParser
 
+from sonett.loading import load_model, load_tokenizer
 from sonett.training import CHECKPOINTS_DIR, PretrainArguments, TrainingInterrupted, list_checkpoints, pretrain
 
 SAMPLE_PROMPT = "def read_config(path):\n    "
 
 
 def generate_sample(folder: str, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 60) -> str:
-    """Reload `folder` through the Auto classes (remote code) and greedily continue `prompt`."""
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    """Reload `folder` through the Auto classes (the sonett package's registered classes) and greedily continue
+    `prompt`."""
+    tokenizer = load_tokenizer(folder)
+    model = load_model(folder).eval()
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.2)
@@ -138,7 +140,7 @@ def main() -> int | None:
     checkpoints = list_checkpoints(os.path.join(args.output_dir, CHECKPOINTS_DIR))
     if checkpoints:
         print(f"checkpoints:           {', '.join(p.name for p in checkpoints)} in {checkpoints[0].parent}")
-    print("\nsample (reloaded with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)):")
+    print("\nsample (reloaded with AutoModelForCausalLM.from_pretrained):")
     print(sample)
 
 

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
+from transformers import LlamaForCausalLM, PreTrainedModel
 
 from .baselines import llama_config_matching
 from .configuration_sonett import SonettConfig
 from .hub import save_model_and_tokenizer
+from .loading import load_model
 from .modeling_sonett import SonettForCausalLM
 from .mqar import MQAR_GRID, mqar_accuracy, mqar_batch
 from .passkey import DEFAULT_DEPTHS, PasskeyBuilder, passkey_batch, passkey_sweep
@@ -307,10 +308,8 @@ def compare_passkey(args: PasskeyArguments, tokenizer) -> dict:
     sonett, llama = build_pair(config, args.seed)
     models = {"sonett": sonett, "llama": llama}
     for name, folder in (("sonett", args.sonett_model), ("llama", args.llama_model)):
-        if folder is not None:  # a pretrained start; same tokenizer required
-            models[name] = AutoModelForCausalLM.from_pretrained(
-                folder, trust_remote_code=True, max_position_embeddings=longest
-            )
+        if folder is not None:  # a pretrained start (no code of the folder runs); same tokenizer required
+            models[name] = load_model(folder, max_position_embeddings=longest)
             if models[name].config.vocab_size != len(tokenizer):
                 raise ValueError(
                     f"{folder} has a vocabulary of {models[name].config.vocab_size}, the tokenizer {len(tokenizer)}; "

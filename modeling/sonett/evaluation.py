@@ -20,9 +20,11 @@ import evaluate
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import load_corpus, pack_into_blocks, split_by_document
+from .loading import load_model as load_causal_lm
+from .loading import load_tokenizer
 from .mqar import MQAR_GRID, mqar_batch, recall_predictions
 from .passkey import DEFAULT_DEPTHS, passkey_sweep
 
@@ -82,7 +84,8 @@ def load_metric(name: str, **kwargs) -> evaluate.EvaluationModule:
 
 
 def load_model(folder: str, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The causal LM and tokenizer saved in `folder` (remote code allowed), in eval mode on `device`."""
+    """The causal LM and tokenizer saved in `folder` (no code of the folder runs: `sonett.loading`), in eval mode on
+    `device`."""
     path = Path(folder)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -90,21 +93,21 @@ def load_model(folder: str, device: str) -> tuple[PreTrainedModel, PreTrainedTok
         )
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json, so it is not a saved model folder.")
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    tokenizer = load_tokenizer(folder)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"The tokenizer in {folder} has no EOS token; documents are joined with EOS into blocks.")
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    model = load_causal_lm(folder)
     return model.to(device).eval(), tokenizer
 
 
 def load_model_only(folder: str, device: str) -> PreTrainedModel:
-    """The causal LM saved in `folder` (remote code allowed), in eval mode on `device`; no tokenizer needed."""
+    """The causal LM saved in `folder` (no code of the folder runs), in eval mode on `device`; no tokenizer needed."""
     if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(
             f"No model folder at {folder} (no config.json); pass a folder written by scripts/train.py or "
             "scripts/compare.py."
         )
-    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).to(device).eval()
+    return load_causal_lm(folder).to(device).eval()
 
 
 def evaluate_mqar(args: EvaluationArguments) -> dict:

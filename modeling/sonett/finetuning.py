@@ -24,8 +24,6 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -35,6 +33,7 @@ from transformers import (
 
 from .hub import save_model_and_tokenizer
 from .instruction_data import default_instruction_splits
+from .loading import load_model, load_tokenizer
 from .peft_sonett import LORA_TARGET_MODULES
 
 logger = logging.getLogger(__name__)
@@ -307,18 +306,19 @@ class ChatDataCollator:
 
 
 def load_base_model(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The causal LM and tokenizer to adapt (remote code trusted); a missing folder names the fix."""
+    """The causal LM and tokenizer to adapt (no code of the folder or repository runs: `sonett.loading`); a missing
+    folder names the fix."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json, so it is not a model folder; {BASE_MODEL_HINT}.")
         source = str(path.resolve())  # adapter_config.json records where the base model lives
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
-        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True)
+        tokenizer = load_tokenizer(source)
+        model = load_model(source)
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=True)
+            tokenizer = load_tokenizer(name_or_path)
+            model = load_model(name_or_path)
         except OSError as error:
             raise FileNotFoundError(
                 f"Base model {name_or_path!r} is neither a local folder nor a reachable Hub repository; "

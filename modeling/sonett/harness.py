@@ -9,8 +9,10 @@ pretraining held out of the embedded standard-library corpus (the split of `sone
 - `stdlib_line_completion` (generate until the end of the line, metric `exact_match`): after a few lines and the
   first part of a line, write the rest of that line exactly.
 
-`run_harness` runs `lm_eval.simple_evaluate` with the `hf` backend (`trust_remote_code=True`), so a Sonett folder
-and a transformers Llama folder are scored by the same code. lm-eval is an optional dependency (the `eval` extra).
+`run_harness` runs `lm_eval.simple_evaluate` with the `hf` backend, so a Sonett folder and a transformers Llama
+folder are scored by the same code. The folder is checked first and loaded with `trust_remote_code=False`: the
+`sonett` package's registered classes load it and none of its code runs (`sonett.loading`). lm-eval is an
+optional dependency (the `eval` extra).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import split_by_document, stdlib_corpus
+from .loading import check_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -159,15 +162,17 @@ def run_harness(
     Returns the harness's result dict: `results[task]` holds the metrics (e.g. `acc,none`), and with `log_samples`
     `samples[task]` holds each document's requests and responses.
     """
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     folder = Path(model)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json; pass a saved model folder.")
+    check_model_folder(folder)
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
     return lm_eval.simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(folder.resolve()), "trust_remote_code": True, "dtype": dtype},
+        model_args={"pretrained": str(folder.resolve()), "trust_remote_code": False, "dtype": dtype},
         tasks=list(tasks),
         task_manager=TaskManager(include_path=str(include_path), include_defaults=False),
         batch_size=batch_size,

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
+from .loading import check_saved_code
 from .model_card import render_model_card
 from .tokenizer_training import TURN_END_TOKEN
 
@@ -64,9 +65,12 @@ def save_model_and_tokenizer(
     """`save_pretrained` of a model and its tokenizer (or processor) into one folder, with `chat_generation_config`.
 
     Every folder Sonett writes for use (training output, merged adapters, multimodal models, baselines) goes through
-    here, so its `generation_config.json` stops at the end of a chat turn.
+    here, so its `generation_config.json` stops at the end of a chat turn, and its only code files are the package's
+    shipped ones (`sonett.loading.check_saved_code` refuses objects loaded from a folder's own code and a folder that
+    already holds other `.py` files).
     """
     output_dir = Path(output_dir)
+    check_saved_code(output_dir, model, tokenizer)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config = chat_generation_config(model, tokenizer)
     model.save_pretrained(output_dir)

@@ -5,8 +5,12 @@ transformers 5.24 cannot serve a remote-code model: `ModelManager._load_model` r
 attribute SonettForCausalLM` for any class that ships with the model folder. `SonettModelManager` changes only
 that step: it first tries transformers' own loading path and, when that fails in exactly this way, loads the
 class that `config.auto_map` names for the architecture through its Auto class (`AutoModelForCausalLM` or
-`AutoModelForImageTextToText`, `trust_remote_code=True`). So the workaround retires by itself once an installed
-transformers loads remote code; the log says which path loaded the model.
+`AutoModelForImageTextToText`). So the workaround retires by itself once an installed transformers loads such
+models; the log says which path loaded the model.
+
+No code of the served folder runs: the manager loads with `trust_remote_code=False`, so the Auto classes resolve to
+the `sonett` package's registered classes, and a local folder is checked first (`sonett.loading.check_folder`
+refuses Python files other than the package's and `auto_map` entries that name other code).
 
 Everything else (the FastAPI app, its routes `/v1/chat/completions`, `/v1/completions`, `/v1/responses`,
 `/v1/models`, `/health`, streaming, generation) is transformers' own (`transformers.cli.serving`).
@@ -23,6 +27,7 @@ from transformers.cli.serving.model_manager import ModelManager
 from transformers.cli.serving.utils import Modality, split_model_id, split_revision
 
 from .hub import chat_stop_token_ids
+from .loading import check_folder
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -147,15 +152,17 @@ class SonettModelManager(ModelManager):
     def load_model_and_processor(self, model_id_and_revision: str, *args, **kwargs):
         """Load as transformers does; a folder saved before its generation config listed `<|end|>` gets it.
 
-        Remote code is trusted for the folder the server was started with (`force_model`) only: any other id is
-        refused before anything of it is read, so a request cannot make the server import another folder's code.
+        The server loads the folder it was started with (`force_model`) only: any other id is refused before
+        anything of it is read, so a request cannot make the server load another folder. The folder is checked for
+        code (`sonett.loading.check_folder`) before it is loaded, and none of its code runs.
         """
         pinned = self.process_model_name(split_model_id(self.force_model)[0]) if self.force_model else None
         if model_id_and_revision != pinned:
             raise ValueError(
-                f"This server serves only {self.force_model!r} (it trusts that folder's code and no other); "
+                f"This server serves only {self.force_model!r} (it loads that folder and no other); "
                 f"{model_id_and_revision!r} was refused. Start another `scripts/serve.py` for another model."
             )
+        check_folder(split_revision(model_id_and_revision)[0])
         model, processor = super().load_model_and_processor(model_id_and_revision, *args, **kwargs)
         add_missing_stop_tokens(model, processor)
         return model, processor
@@ -214,7 +221,7 @@ def build_app(
     manager = SonettModelManager(
         device=device,
         dtype=dtype,
-        trust_remote_code=True,
+        trust_remote_code=False,  # the package's registered classes load the folder; none of its code runs
         attn_implementation=attn_implementation,
         force_model=folder,
     )
@@ -229,8 +236,8 @@ def build_app(
         generation_state=state,
         enable_cors=enable_cors,
     )
-    # transformers' routes that load another model or unload this one: this server is pinned to one folder, whose
-    # code it trusts, so a request must not name another (its code would run) or stop the served model.
+    # transformers' routes that load another model or unload this one: this server is pinned to one folder, which it
+    # checked, so a request must not name another or stop the served model.
     app.router.routes = [route for route in app.router.routes if getattr(route, "path", None) not in UNPINNING_ROUTES]
     return app
 

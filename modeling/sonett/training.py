@@ -35,7 +35,6 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
-    AutoTokenizer,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -69,6 +68,7 @@ from .data import (
     take_blocks,
 )
 from .hub import count_parameters, write_baseline_folder, write_model_folder
+from .loading import load_tokenizer
 from .modeling_sonett import SonettForCausalLM
 from .tokenizer_training import train_bpe_tokenizer
 
@@ -282,11 +282,14 @@ class PretrainData:
 def _tokenizer(
     args: PretrainArguments, accelerator: Accelerator, train: Corpus, preset: dict, checkpoint: Path | None
 ) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer, the one `--tokenizer` names, or a BPE trained on the training documents."""
+    """The checkpoint's tokenizer, the one `--tokenizer` names, or a BPE trained on the training documents.
+
+    A loaded tokenizer is data: no code of its folder runs, and a folder with code is refused (`sonett.loading`).
+    """
     if checkpoint is not None:
-        return AutoTokenizer.from_pretrained(checkpoint / TOKENIZER_DIR, trust_remote_code=True)
+        return load_tokenizer(checkpoint / TOKENIZER_DIR, tokenizer_only=True)
     if args.tokenizer:
-        return AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=True)
+        return load_tokenizer(args.tokenizer)
     limit = args.tokenizer_max_documents
     if limit is None and args.streaming:
         limit = STREAMING_TOKENIZER_DOCUMENTS

@@ -24,10 +24,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
 from .hub import count_parameters, save_model_and_tokenizer
 from .image_processing_sonett import SonettImageProcessor
+from .loading import load_tokenizer
 from .model_card import render_model_card
 from .modeling_sonett import SonettForCausalLM, SonettForConditionalGeneration
 from .processing_sonett import SonettProcessor
@@ -221,7 +222,7 @@ def add_text_lora(model: SonettForConditionalGeneration, rank: int, trainable_to
 
 
 def build_processor(text_folder: str, args: VisionArguments) -> SonettProcessor:
-    tokenizer = AutoTokenizer.from_pretrained(text_folder, trust_remote_code=True)
+    tokenizer = load_tokenizer(text_folder)  # refuses a folder with code of its own (`sonett.loading`)
     tokenizer.padding_side = "left"
     image_processor = SonettImageProcessor(size={"height": args.image_size, "width": args.image_size})
     return SonettProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)

@@ -1,0 +1,292 @@
+"""No code from data (issue 15, item 1): the tooling loads every tokenizer and model folder without remote code.
+
+A planted `tokenization_x.py` with an `auto_map` in `tokenizer_config.json` (or a `config.json` whose `auto_map`
+names a planted module) writes a marker file when imported. Every loader of the tooling refuses such a folder with
+`UntrustedCodeError` naming the file, and the marker is never written: resuming from a checkpoint, `--tokenizer`,
+evaluation, fine-tuning, chat, vision training, the passkey comparison, serving, the harness and the scripts. A
+saved model folder holds the package's shipped code files only.
+"""
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from helpers_chat import bigram_chat_model, chat_tokenizer, save_chat_folder
+from test_training import write_micro_run_files
+from transformers import AutoTokenizer
+
+from sonett import checkpointing
+from sonett.comparison import PasskeyArguments, compare_passkey
+from sonett.evaluation import load_model, load_model_only
+from sonett.finetuning import load_base_model
+from sonett.hub import save_model_and_tokenizer
+from sonett.loading import SHIPPED_CODE_FILES, UntrustedCodeError, check_model_folder
+from sonett.modeling_sonett import SonettForCausalLM
+from sonett.training import PretrainArguments, pretrain
+from sonett.vision_training import VisionArguments, build_processor
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "modeling" / "sonett"
+
+TOKENIZER_CODE = """from pathlib import Path
+Path({marker!r}).write_text("tokenizer code ran")
+from transformers import PreTrainedTokenizerFast
+
+
+class XTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+MODEL_CODE = """from pathlib import Path
+Path({marker!r}).write_text("model code ran")
+"""
+
+
+def plant_tokenizer_code(folder: Path, marker: Path, auto_map: bool = True, module: bool = True) -> None:
+    """`tokenization_x.py` (writes `marker` when imported) and an `auto_map` naming it in tokenizer_config.json."""
+    if module:
+        (folder / "tokenization_x.py").write_text(TOKENIZER_CODE.format(marker=str(marker)))
+    if auto_map:
+        config_file = folder / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config["auto_map"] = {"AutoTokenizer": [None, "tokenization_x.XTokenizer"]}
+        config_file.write_text(json.dumps(config))
+
+
+def plant_model_code(folder: Path, marker: Path) -> None:
+    """A config.json of an unknown model type whose `auto_map` names `evil.py` (writes `marker` when imported)."""
+    (folder / "evil.py").write_text(MODEL_CODE.format(marker=str(marker)))
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["model_type"] = "crafted"
+    config["auto_map"] = {"AutoConfig": "evil.CraftedConfig", "AutoModelForCausalLM": "evil.CraftedForCausalLM"}
+    config_file.write_text(json.dumps(config))
+
+
+PLANTS = {"tokenizer": plant_tokenizer_code, "model": plant_model_code}
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tmp_path_factory):
+    """A Sonett model folder written as training writes one (`write_model_folder`)."""
+    folder = tmp_path_factory.mktemp("chat") / "model"
+    save_chat_folder(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory):
+    """A tokenizer-only folder, as a checkpoint's `tokenizer/` holds it."""
+    folder = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
+    chat_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def copy(folder: Path, target: Path) -> Path:
+    shutil.copytree(folder, target)
+    return target
+
+
+# --- resume and --tokenizer -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A one-step pretraining run with a checkpoint: its arguments."""
+    files = write_micro_run_files(tmp_path_factory.mktemp("trust-files"))
+    output_dir = tmp_path_factory.mktemp("trust-run") / "run"
+    args = PretrainArguments(
+        output_dir=str(output_dir), max_steps=1, eval_steps=0, checkpointing_steps=1, cpu=True, **files
+    )
+    pretrain(args)
+    return args
+
+
+def test_the_final_model_folder_holds_only_the_packages_code(trained_run):
+    folder = Path(trained_run.output_dir)
+    written = {p.name for p in folder.rglob("*.py")}
+    assert "modeling_sonett.py" in written
+    assert written <= SHIPPED_CODE_FILES
+    for name in written:
+        assert (folder / name).read_bytes() == (PACKAGE / name).read_bytes(), name
+
+
+def test_resuming_from_a_checkpoint_with_planted_tokenizer_code_is_refused(trained_run, tmp_path):
+    output_dir = copy(Path(trained_run.output_dir), tmp_path / "run")
+    checkpoint = output_dir / checkpointing.CHECKPOINTS_DIR / "step_1"
+    marker = tmp_path / "code-ran"
+    plant_tokenizer_code(checkpoint / checkpointing.TOKENIZER_DIR, marker)
+    state_file = checkpoint / checkpointing.STATE_FILE
+    state = json.loads(state_file.read_text())
+    for name in ("tokenizer/tokenizer_config.json", "tokenizer/tokenization_x.py"):  # sizes match the planted files
+        state["files"][name] = (checkpoint / name).stat().st_size
+    state_file.write_text(json.dumps(state))
+    for name in SHIPPED_CODE_FILES:  # a resumed run that finishes writes the folder again
+        (output_dir / name).unlink(missing_ok=True)
+
+    resumed = dataclasses.replace(trained_run, output_dir=str(output_dir), max_steps=2, resume_from_checkpoint="latest")
+    with pytest.raises(UntrustedCodeError, match=r"tokenization_x\.py.*auto_map|auto_map.*tokenization_x\.py"):
+        pretrain(resumed)
+    assert not marker.exists()
+    assert not list(output_dir.glob("*.py"))  # nothing was written, the planted module least of all
+
+
+@pytest.mark.parametrize(
+    "auto_map, module", [(True, True), (True, False), (False, True)], ids=["auto_map+module", "auto_map", "module"]
+)
+def test_a_tokenizer_folder_with_code_is_refused_for_training(tokenizer_folder, tmp_path, auto_map, module):
+    tokenizer = copy(tokenizer_folder, tmp_path / "tokenizer")
+    marker = tmp_path / "code-ran"
+    plant_tokenizer_code(tokenizer, marker, auto_map=auto_map, module=module)
+    files = write_micro_run_files(tmp_path / "files")
+    args = PretrainArguments(
+        output_dir=str(tmp_path / "run"), max_steps=1, eval_steps=0, cpu=True, tokenizer=str(tokenizer), **files
+    )
+    expected = "auto_map" if auto_map else r"tokenization_x\.py"
+    with pytest.raises(UntrustedCodeError, match=expected) as error:
+        pretrain(args)
+    assert str(tokenizer) in str(error.value)
+    assert "A tokenizer is data" in str(error.value)
+    assert not marker.exists()
+    assert not (tmp_path / "run" / "tokenization_x.py").exists()
+
+
+# --- every other loader of the tooling --------------------------------------------------------------------------
+
+
+def _chat_script(folder: Path) -> None:
+    """scripts/chat.py FOLDER, with /quit on its input."""
+    argv, stdin = sys.argv, sys.stdin
+    sys.argv, sys.stdin = [str(ROOT / "scripts" / "chat.py"), str(folder)], io.StringIO("/quit\n")
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:
+        sys.argv, sys.stdin = argv, stdin
+
+
+def _stability_script(folder: Path) -> None:
+    script = runpy.run_path(str(ROOT / "scripts" / "stability_generation.py"))
+    script["load_model_and_tokenizer"](argparse.Namespace(model=str(folder)))
+
+
+def _finetune_samples(folder: Path) -> None:
+    script = runpy.run_path(str(ROOT / "scripts" / "finetune.py"))
+    script["show_samples"](str(folder), validation=None)
+
+
+def _passkey(folder: Path) -> None:
+    args = PasskeyArguments(
+        sonett_model=str(folder), models=["sonett"], steps=1, lengths=[64], train_length=64, min_train_length=None
+    )
+    compare_passkey(args, chat_tokenizer())
+
+
+def _serve(folder: Path) -> None:
+    pytest.importorskip("fastapi")
+    from sonett.serving import build_app
+
+    build_app(str(folder), device="cpu")
+
+
+def _harness(folder: Path) -> None:
+    from sonett.harness import run_harness, write_task
+
+    docs = [{"context": "a picture of a", "choices": [" cat", " dog"], "label": 0}]
+    write_task(folder.parent / "tasks", "trust_check", docs, "multiple_choice")
+    run_harness(folder, ["trust_check"], include_path=folder.parent / "tasks", limit=1)
+
+
+LOADERS = {
+    "evaluation.load_model": lambda folder: load_model(str(folder), "cpu"),
+    "evaluation.load_model_only": lambda folder: load_model_only(str(folder), "cpu"),
+    "finetuning.load_base_model": lambda folder: load_base_model(str(folder)),
+    "vision_training.build_processor": lambda folder: build_processor(str(folder), VisionArguments()),
+    "comparison.compare_passkey": _passkey,
+    "serving.build_app": _serve,
+    "harness.run_harness": _harness,
+    "scripts/chat.py": _chat_script,
+    "scripts/stability_generation.py": _stability_script,
+}
+
+
+@pytest.mark.parametrize("plant", list(PLANTS))
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_every_loader_refuses_a_model_folder_with_planted_code(chat_folder, tmp_path, loader, plant):
+    folder = copy(chat_folder, tmp_path / "model")
+    marker = tmp_path / "code-ran"
+    PLANTS[plant](folder, marker)
+    planted = "tokenization_x" if plant == "tokenizer" else "evil"
+    with pytest.raises(UntrustedCodeError, match=rf"{planted}\.py") as error:
+        LOADERS[loader](folder)
+    assert str(folder) in str(error.value)
+    assert not marker.exists()
+
+
+def test_the_finetune_samples_refuse_an_adapter_folder_with_planted_tokenizer_code(tokenizer_folder, tmp_path):
+    adapter = copy(tokenizer_folder, tmp_path / "adapter")  # the tokenizer files of a saved adapter
+    marker = tmp_path / "code-ran"
+    plant_tokenizer_code(adapter, marker)
+    with pytest.raises(UntrustedCodeError, match=r"tokenization_x\.py"):
+        _finetune_samples(adapter)
+    assert not marker.exists()
+
+
+def test_changed_shipped_code_is_never_run_and_is_named_in_a_warning(chat_folder, tmp_path, caplog):
+    """A folder whose shipped files differ from the package's (an older version, or an edit) loads with the
+    package's classes; its own modeling_sonett.py never runs, and a warning names it."""
+    folder = copy(chat_folder, tmp_path / "model")
+    marker = tmp_path / "code-ran"
+    with open(folder / "modeling_sonett.py", "a") as f:
+        f.write("\n" + MODEL_CODE.format(marker=str(marker)))
+    with caplog.at_level(logging.WARNING, logger="sonett.loading"):
+        model, _ = load_model(str(folder), "cpu")
+    assert type(model) is SonettForCausalLM
+    assert not marker.exists()
+    assert "modeling_sonett.py" in caplog.text and "differ" in caplog.text
+
+
+# --- saving ---------------------------------------------------------------------------------------------------
+
+
+def test_saving_a_tokenizer_that_runs_folder_code_is_refused(chat_folder, tokenizer_folder, tmp_path):
+    """A library user who loaded a planted tokenizer with trust_remote_code=True cannot save its module into a
+    model folder through `save_model_and_tokenizer` (the path of training, finetune --merge and vision)."""
+    planted = copy(tokenizer_folder, tmp_path / "planted")
+    plant_tokenizer_code(planted, tmp_path / "ran-on-purpose")
+    tokenizer = AutoTokenizer.from_pretrained(planted, trust_remote_code=True)  # the user's explicit choice
+    model = SonettForCausalLM.from_pretrained(chat_folder)
+    output = tmp_path / "out"
+    with pytest.raises(UntrustedCodeError, match=r"XTokenizer.*trust_remote_code"):
+        save_model_and_tokenizer(model, tokenizer, output)
+    assert not (output / "tokenization_x.py").exists()
+
+
+def test_saving_into_a_folder_that_holds_foreign_code_is_refused(chat_folder, tmp_path):
+    model = SonettForCausalLM.from_pretrained(chat_folder)
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "evil.py").write_text("")
+    with pytest.raises(UntrustedCodeError, match=r"evil\.py"):
+        save_model_and_tokenizer(model, chat_tokenizer(), output)
+    assert not (output / "model.safetensors").exists()
+
+
+def test_a_saved_vision_folder_passes_the_model_folder_check(tmp_path):
+    """The auto_map entries Sonett itself writes (config, processor, nested image processor) are accepted."""
+    from sonett import SonettForConditionalGeneration, SonettImageProcessor, SonettProcessor
+
+    tokenizer = chat_tokenizer()
+    text = bigram_chat_model(tokenizer)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "image_size": 16, "patch_size": 4}
+    model = SonettForConditionalGeneration.from_text_model(
+        text, cross_attention_layers=[1], vision_config=vision, image_token_id=tokenizer.image_token_id
+    )
+    folder = save_model_and_tokenizer(model, SonettProcessor(SonettImageProcessor(), tokenizer), tmp_path / "vision")
+    assert "processing_sonett.py" in {p.name for p in folder.glob("*.py")}
+    check_model_folder(folder)
