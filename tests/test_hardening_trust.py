@@ -290,3 +290,11 @@ def test_a_saved_vision_folder_passes_the_model_folder_check(tmp_path):
     folder = save_model_and_tokenizer(model, SonettProcessor(SonettImageProcessor(), tokenizer), tmp_path / "vision")
     assert "processing_sonett.py" in {p.name for p in folder.glob("*.py")}
     check_model_folder(folder)
+
+
+def test_saving_a_model_whose_config_names_other_code_is_refused(chat_folder, tmp_path):
+    model = SonettForCausalLM.from_pretrained(chat_folder)
+    model.config.auto_map = {**model.config.auto_map, "AutoModelForMaskedLM": "evil.Model"}
+    with pytest.raises(UntrustedCodeError, match=r"AutoModelForMaskedLM to 'evil\.Model'.*evil\.py"):
+        save_model_and_tokenizer(model, chat_tokenizer(), tmp_path / "out")
+    assert not (tmp_path / "out" / "config.json").exists()

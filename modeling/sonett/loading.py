@@ -234,23 +234,29 @@ def _runs_folder_code(obj: object) -> bool:
 def check_saved_code(folder: str | Path, *objects: object) -> None:
     """Refuse to save `objects` (a model, a tokenizer or processor) into `folder` when that would leave code other
     than the package's shipped files there: an object whose class came from a folder's code (its `save_pretrained`
-    would copy that code), a tokenizer whose `auto_map` names code, or a foreign `.py` file already in `folder`.
+    would copy that code), a config or tokenizer whose `auto_map` names other code, or a foreign `.py` file already
+    in `folder`.
 
     Raises:
         UntrustedCodeError: naming the object or file and the fix.
     """
     folder = Path(folder)
     problems = []
-    parts = [part for obj in objects for part in (obj, getattr(obj, "tokenizer", None)) if part is not None]
-    for obj in parts:
+    parts = [obj for obj in objects if obj is not None]
+    parts += [getattr(obj, name, None) for obj in parts for name in ("tokenizer", "image_processor")]
+    for obj in filter(None, parts):
+        name = type(obj).__name__
         if _runs_folder_code(obj):
             problems.append(
-                f"{type(obj).__name__} was loaded from a folder's own code (trust_remote_code=True) and saving it "
-                "would copy that code; load it with the sonett package's classes (trust_remote_code=False)"
+                f"{name} was loaded from a folder's own code (trust_remote_code=True) and saving it would copy that "
+                "code; load it with the sonett package's classes (trust_remote_code=False)"
             )
         init_kwargs = getattr(obj, "init_kwargs", None)
         if isinstance(init_kwargs, dict):
-            problems += auto_map_problems({"auto_map": init_kwargs.get("auto_map")}, f"{type(obj).__name__}")
+            problems += auto_map_problems({"auto_map": init_kwargs.get("auto_map")}, f"{name} (tokenizer_config.json)")
+        config = getattr(obj, "config", None)
+        if config is not None:
+            problems += auto_map_problems({"auto_map": getattr(config, "auto_map", None)}, f"{name}.config")
     if folder.is_dir():
         problems += [
             f"{p.name} in {folder} is not one of the sonett package's code files; save into a new folder or delete it"
