@@ -287,7 +287,8 @@ class SonettLinearAttention(nn.Module):
     ) -> torch.Tensor | PackedDocuments | None:
         """Padding mask of the current tokens `(batch, seq)` (True = real), or None without any padding.
 
-        Only a 2-D `attention_mask` `(batch, past + seq)` can be used (the model refuses a 4-D one for this kind).
+        Only a 2-D `attention_mask` `(batch, past + seq)` is read here: the model turns a block-diagonal 4-D mask
+        into `documents` and refuses any other 4-D mask for this kind.
         Packed rows (`documents`, never padded) give the `PackedDocuments` themselves: the state resets at each
         document start.
         """
