@@ -10,16 +10,21 @@ positions and cache state.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import json
 import logging
 import os
+import re
 from contextlib import contextmanager
 
 import torch
-from safetensors import SafetensorError
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.loss.loss_utils import ForSequenceClassificationLoss, ForTokenClassification
@@ -32,6 +37,7 @@ from transformers.modeling_layers import (
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.hub import resolve_revision
 from transformers.utils.output_capturing import OutputRecorder, resolve_hidden_states_indices, selected_hidden_states
 
 from .attention_sonett import SonettAttention
@@ -176,6 +182,7 @@ class SonettPreTrainedModel(PreTrainedModel):
                 new parts and train them; the loading report still lists them.
             Other arguments as in `PreTrainedModel.from_pretrained`.
         """
+        refuse_mismatch = not kwargs.get("ignore_mismatched_sizes", False)
         if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
             subfolder = kwargs.get("subfolder") or ""
             folder = (
@@ -184,8 +191,10 @@ class SonettPreTrainedModel(PreTrainedModel):
                 else str(pretrained_model_name_or_path)
             )
             check_local_weights(folder, kwargs.get("config") is not None, kwargs.setdefault("use_safetensors", True))
+            if not kwargs.get("gguf_file"):
+                where = str(pretrained_model_name_or_path)
+                cls.check_checkpoint_sizes(where, kwargs, refuse_mismatch, allow_missing_weights)
         want_info = kwargs.pop("output_loading_info", False)
-        refuse_mismatch = not kwargs.get("ignore_mismatched_sizes", False)
         kwargs["ignore_mismatched_sizes"] = True  # report mismatches below, with their names, instead of a bare error
         try:
             model, info = super().from_pretrained(
@@ -199,16 +208,8 @@ class SonettPreTrainedModel(PreTrainedModel):
             ) from error
         where = pretrained_model_name_or_path
         if refuse_mismatch and info["mismatched_keys"]:
-            shapes = [
-                f"{name} {tuple(saved)} in the checkpoint vs {tuple(expected)} in the model"
-                for name, saved, expected in sorted(info["mismatched_keys"], key=lambda item: item[0])
-            ]
-            raise ValueError(
-                f"The checkpoint in {where} does not fit this config: {len(shapes)} tensors have other shapes "
-                f"({'; '.join(shapes[:5])}{'; ...' if len(shapes) > 5 else ''}). The weights were saved from a model "
-                "with another config (e.g. another hidden_size); load them with the config.json saved next to them "
-                "(no config= or size overrides), or pass ignore_mismatched_sizes=True to re-initialise those tensors."
-            )
+            shapes = {name: (tuple(saved), tuple(expected)) for name, saved, expected in info["mismatched_keys"]}
+            raise ValueError(size_mismatch_message(where, shapes, differing_fields(model.config, shapes)))
         missing = model.truly_missing_weights(info["missing_keys"])
         if missing and not allow_missing_weights:
             raise ValueError(
@@ -219,6 +220,81 @@ class SonettPreTrainedModel(PreTrainedModel):
                 "weights yourself."
             )
         return (model, info) if want_info else model
+
+    @classmethod
+    def check_checkpoint_sizes(
+        cls, pretrained_model_name_or_path: str, kwargs: dict, refuse_mismatch: bool, allow_missing_weights: bool
+    ) -> None:
+        """Raise a ValueError naming the config fields that do not fit the checkpoint, before any tensor is allocated.
+
+        transformers finds a shape mismatch only after building the model, and then allocates and initialises the
+        mismatched tensors before reporting them (a `vocab_size` of 25,000,000 in config.json costs seconds and GBs
+        first). Here the checkpoint's shapes come from the safetensors headers (no tensor data is read) and the model's
+        from a copy built on the meta device (no memory), for a local folder or a Hub model whose files are already
+        in the cache (nothing is downloaded here; an uncached model is checked by transformers' load, after it).
+
+        Args:
+            pretrained_model_name_or_path: the folder or Hub id given to `from_pretrained`.
+            kwargs: the other arguments of `from_pretrained`; a Hub revision is resolved once and stored back in them,
+                so the check and the load read the same commit.
+            refuse_mismatch: False when the caller passed `ignore_mismatched_sizes=True` (shapes are not compared).
+            allow_missing_weights: the caller accepts a config with more layers than the checkpoint.
+        """
+        folder = local_model_folder(pretrained_model_name_or_path, kwargs)
+        config = cls._config_to_check(folder, kwargs) if folder is not None else None
+        if config is None or getattr(config, "transformers_weights", None):
+            return  # (an explicit weights file name is left to transformers)
+        saved = checkpoint_shapes(folder, kwargs.get("variant"), kwargs.get("use_safetensors", True))
+        if not saved:
+            return
+        with torch.device("meta"), init.no_init_weights(), init.meta_device_safe_creation_ops():
+            expected = {name: tuple(tensor.shape) for name, tensor in cls(config).state_dict().items()}
+        prefix = f"{cls.base_model_prefix}."
+        pairs = {}  # model name -> (checkpoint shape, model shape), with transformers' base-model prefix handling
+        for name, shape in saved.items():
+            for candidate in (name, prefix + name, name.removeprefix(prefix)):
+                if candidate in expected:
+                    pairs[candidate] = (shape, expected[candidate])
+                    break
+        mismatched = {name: shapes for name, shapes in pairs.items() if shapes[0] != shapes[1]}
+        where = pretrained_model_name_or_path
+        if refuse_mismatch and mismatched:
+            raise ValueError(size_mismatch_message(where, mismatched, differing_fields(config, mismatched)))
+        layer_key = re.compile(rf"^(?:{re.escape(prefix)})?layers\.(\d+)\.")
+        indices = [int(match.group(1)) for name in saved if (match := layer_key.match(name))]
+        saved_layers, layers = (max(indices) + 1 if indices else 0), config.num_hidden_layers
+
+        def span(first: int, last: int) -> str:
+            return f"layer {first}" if first == last else f"layers {first} to {last}"
+
+        if saved_layers and saved_layers > layers and refuse_mismatch:
+            raise ValueError(
+                f"The checkpoint in {where} holds {saved_layers} decoder layers but num_hidden_layers = {layers} in "
+                f"the config, so {span(layers, saved_layers - 1)} would be dropped. Set num_hidden_layers to "
+                f"{saved_layers} (with one layer_types entry per layer) in config.json, or load the weights with the "
+                "config.json saved next to them (no config= or size overrides); pass ignore_mismatched_sizes=True to "
+                f"load only the first {layers} layers."
+            )
+        if saved_layers and saved_layers < layers and not allow_missing_weights:
+            raise ValueError(
+                f"The checkpoint in {where} holds {saved_layers} decoder layers but num_hidden_layers = {layers} in "
+                f"the config, so {span(saved_layers, layers - 1)} would be randomly initialised and the model "
+                f"would give wrong answers. Set num_hidden_layers to {saved_layers} (with one layer_types entry per "
+                "layer) in config.json, or pass allow_missing_weights=True if you will train the new layers."
+            )
+
+    @classmethod
+    def _config_to_check(cls, folder: str, kwargs: dict) -> PreTrainedConfig | None:
+        """The config `from_pretrained` will build the model from: `config=`, or config.json in `folder` with the
+        config fields passed as keyword arguments; None for a `config=` path this check does not read (a Hub id)."""
+        config = kwargs.get("config")
+        if isinstance(config, PreTrainedConfig):
+            return copy.deepcopy(config)
+        if config is not None and not os.path.isdir(str(config)):
+            return None
+        fields = {field.name for field in dataclasses.fields(cls.config_class)} | {"num_labels"}
+        overrides = {key: value for key, value in kwargs.items() if key in fields and key != "dtype"}
+        return cls.config_class.from_pretrained(folder if config is None else config, **overrides)
 
     def truly_missing_weights(self, missing_keys: set[str]) -> list[str]:
         """The missing weights (as transformers reports them after its key renaming, prefix handling, tying and
@@ -243,6 +319,131 @@ class SonettPreTrainedModel(PreTrainedModel):
         auto_map.update(self.auto_map_heads)
         self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+# Config fields that set one dimension of a tensor: (pattern of the model's tensor name, dimension, field). Layer
+# patterns name the layer index as group 1; the q/k patterns hold for the softmax-attention kinds (`ROPE_KINDS`).
+FIELD_DIMENSIONS: tuple[tuple[str, int, str], ...] = (
+    (r"^(?:model\.)?embed_tokens\.weight$", 0, "vocab_size"),
+    (r"^(?:model\.)?embed_tokens\.weight$", 1, "hidden_size"),
+    (r"^(?:model\.)?layers\.(\d+)\.mlp\.gate_proj\.weight$", 0, "intermediate_size"),
+    (r"^(?:model\.)?layers\.(\d+)\.mixer\.q_proj\.weight$", 0, "num_attention_heads * head_dim"),
+    (r"^(?:model\.)?layers\.(\d+)\.mixer\.k_proj\.weight$", 0, "num_key_value_heads * head_dim"),
+)
+
+
+def differing_fields(config: SonettConfig, mismatched: dict[str, tuple[tuple, tuple]]) -> list[str]:
+    """The config fields that explain shape mismatches, each as "field = config value in the config, checkpoint
+    value in the checkpoint".
+
+    Args:
+        config: the config the model was (or would be) built from.
+        mismatched: model tensor name -> (checkpoint shape, model shape), for the tensors whose shapes differ.
+    """
+    found = {}
+    for pattern, dim, field in FIELD_DIMENSIONS:
+        for name, (saved, expected) in sorted(mismatched.items()):
+            match = re.match(pattern, name)
+            if field in found or match is None or len(saved) != len(expected) or saved[dim] == expected[dim]:
+                continue
+            if "*" in field and config.layer_types[int(match.group(1))] not in ROPE_KINDS:
+                continue  # the q/k projections of linear attention have another width
+            heads = field.split(" * ")[0]
+            value = f"{getattr(config, heads)} * {config.head_dim} = {expected[dim]}" if "*" in field else expected[dim]
+            found[field] = f"{field} = {value} in the config, {saved[dim]} in the checkpoint ({name})"
+    return list(found.values())
+
+
+def size_mismatch_message(where: str, mismatched: dict[str, tuple[tuple, tuple]], fields: list[str]) -> str:
+    """The error for a checkpoint whose tensor shapes differ from the model's (model name -> (checkpoint shape,
+    model shape)), naming the config fields found by `differing_fields` and the fixes."""
+    shapes = [
+        f"{name} {saved} in the checkpoint vs {expected} in the model"
+        for name, (saved, expected) in sorted(mismatched.items())
+    ]
+    named = f" Config fields that differ from the checkpoint: {'; '.join(fields)}." if fields else ""
+    return (
+        f"The checkpoint in {where} does not fit this config: {len(shapes)} tensors have other shapes "
+        f"({'; '.join(shapes[:5])}{'; ...' if len(shapes) > 5 else ''}).{named} The weights were saved from a model "
+        "with another config (e.g. another hidden_size); set those fields in config.json to the checkpoint's values, "
+        "or load the weights with the config.json saved next to them (no config= or size overrides), or pass "
+        "ignore_mismatched_sizes=True to re-initialise those tensors."
+    )
+
+
+def local_model_folder(pretrained_model_name_or_path: str, kwargs: dict) -> str | None:
+    """The local folder `from_pretrained` reads the files from, or None where they are not on this machine yet.
+
+    A local folder (with `subfolder`) is itself; for a Hub id it is the cached snapshot of the commit transformers will
+    load, when its config.json is in the cache. The Hub revision is resolved once (from the cache when offline) and
+    stored in `kwargs["revision"]`, as transformers does, so the check and the load read the same commit.
+    """
+    subfolder = kwargs.get("subfolder") or ""
+    if os.path.isdir(pretrained_model_name_or_path):
+        return os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+    if os.path.exists(pretrained_model_name_or_path) or kwargs.get("force_download"):
+        return None
+    revision = resolve_revision(
+        pretrained_model_name_or_path,
+        kwargs.get("revision"),
+        token=kwargs.get("token"),
+        local_files_only=bool(kwargs.get("local_files_only")),
+        cache_dir=kwargs.get("cache_dir"),
+    )
+    kwargs["revision"] = revision
+    commit = getattr(revision, "resolved", None)
+    if commit is None:
+        return None
+    filename = f"{subfolder}/config.json" if subfolder else "config.json"
+    try:
+        cached = try_to_load_from_cache(
+            pretrained_model_name_or_path, filename, cache_dir=kwargs.get("cache_dir"), revision=commit
+        )
+    except (HFValidationError, ValueError):
+        return None
+    return os.path.dirname(cached) if isinstance(cached, str) else None
+
+
+def checkpoint_shapes(
+    folder: str, variant: str | None = None, use_safetensors: bool | None = True
+) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape of the safetensors weights in `folder`, from the file headers only (no tensor data).
+
+    The file is the one transformers loads: `model.safetensors`, else the shards of `model.safetensors.index.json`
+    (with `variant` in the names). None when there is none (pickle weights, a shard not downloaded yet) or the index
+    cannot be read (transformers reports it). A damaged safetensors header raises the OSError of a corrupt file.
+    """
+    if use_safetensors is False:
+        return None
+    tag = f".{variant}" if variant else ""
+    single = os.path.join(folder, f"model{tag}.safetensors")
+    index = os.path.join(folder, f"model.safetensors.index{tag}.json")
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as handle:
+                files = [os.path.join(folder, shard) for shard in sorted(set(json.load(handle)["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            return None
+        if not all(os.path.isfile(file) for file in files):
+            return None
+    else:
+        return None
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                names = list(handle.keys())
+                for name in names:
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights in {file} cannot be read ({error}): the safetensors file is truncated or corrupt (an "
+                "interrupted save or download). Save the model again with save_pretrained, or download it again with "
+                "force_download=True."
+            ) from error
+    return shapes
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".gguf")
