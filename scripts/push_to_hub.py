@@ -6,6 +6,9 @@
 
 The token comes from HF_TOKEN or the saved `hf auth login`; HF_ENDPOINT selects another Hub. The folder is checked
 first (config, finished safetensors weights, remote-code files, model card) and refused with the fix if incomplete.
+Only what a model folder holds is uploaded (weights, configs, tokenizer, the sonett code files as installed, card,
+results, plots); any other file, a credential file, a link or hard link that leads elsewhere, a token pasted into a
+text file or an absolute local path refuses the push, naming each. --allow_extra_files PATTERN admits more files.
 """
 
 from __future__ import annotations
@@ -28,6 +31,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--revision", default=None, help="branch to commit to; created from main if missing")
     parser.add_argument("--commit-message", default=None, help="commit title (default: 'Upload <folder name>')")
     parser.add_argument("--dry-run", action="store_true", help="check the folder and list the files; no network")
+    parser.add_argument(
+        "--allow_extra_files",
+        "--allow-extra-files",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also upload files matching this glob (path inside the folder, e.g. 'notes.md' or 'extra/*'); repeatable. "
+        "Never admits credential files or .py files",
+    )
+    parser.add_argument(
+        "--allow_modified_code",
+        "--allow-modified-code",
+        action="store_true",
+        help="upload *_sonett.py files that differ from the installed sonett package (code your users will run)",
+    )
     parser.add_argument("--verbose", action="store_true", help="log huggingface_hub's progress")
     return parser.parse_args(argv)
 
@@ -48,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             revision=args.revision,
             commit_message=args.commit_message,
             dry_run=args.dry_run,
+            allow_extra_files=args.allow_extra_files,
+            allow_modified_code=args.allow_modified_code,
         )
     except (FolderNotReadyError, NoHubTokenError, HfHubHTTPError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -58,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{heading} {len(result.files)} files ({format_size(result.total_bytes)}) to {result.repo_id}@{result.revision}"
     )
     for f in result.files:
-        note = f"  (usage example loads {result.repo_id})" if f.content is not None else ""
+        note = f"  ({'; '.join(f.changes)})" if f.changes else ""
         print(f"  {f.path_in_repo:<40} {format_size(f.size):>10}{note}")
     if result.dry_run:
         print(f"dry run: nothing was sent; the repository would be created {visibility} if missing")

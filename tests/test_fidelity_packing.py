@@ -299,10 +299,11 @@ def test_a_4d_mask_in_decoding_reads_the_cache():
 
 @pytest.mark.parametrize("mix", ["linear", "memory", "mixed"])
 def test_a_4d_mask_is_refused_for_linear_and_memory_layers(mix):
+    """A windowed mask is not block-diagonal (those are honoured: tests/test_hardening_inputs.py)."""
     model = packing_model(mix)
     ids = random_ids(1, 6)
     with pytest.raises(ValueError, match=r"linear_attention|memory_attention") as error:
-        model(ids, attention_mask=causal_4d(6, False))
+        model(ids, attention_mask=causal_4d(6, False, window=3))
     assert "position_ids" in str(error.value) and "2-D" in str(error.value)
 
 

@@ -405,9 +405,10 @@ def test_a_cache_without_hourglass_state_is_refused():
 
 
 def test_a_prepared_4d_mask_is_refused():
+    """A bidirectional mask; block-diagonal causal ones are honoured (tests/test_hardening_inputs.py)."""
     model = hourglass_model(2)
-    mask = torch.ones(1, 1, 4, 4)
-    with pytest.raises(ValueError, match="needs a 2-D attention_mask"):
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="hierarchy.*block-diagonal causal"):
         model(random_ids(1, 4), attention_mask=mask)
 
 

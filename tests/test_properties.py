@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sonett import SonettImageProcessor, SonettProcessor
+from sonett.image_processing_sonett import ALLOWED_IMAGE_FORMATS
 from sonett.tokenizer_training import IMAGE_TOKEN, SPECIAL_TOKENS, train_bpe_tokenizer
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
@@ -223,7 +224,10 @@ def tensors(draw):
 
 @st.composite
 def encoded_images(draw, formats: list[str] = ENCODINGS):
-    """(bytes / BytesIO / data URI, must_succeed): a random image in a common format, sometimes damaged."""
+    """(bytes / BytesIO / data URI, must_succeed): a random image in a common format, sometimes damaged.
+
+    Only undamaged images in one of `ALLOWED_IMAGE_FORMATS` must succeed (the others are refused: see
+    tests/test_hardening_images.py)."""
     fmt = draw(st.sampled_from(formats))
     mode = "RGB" if fmt in ("JPEG", "PPM", "BMP") else draw(st.sampled_from(["RGB", "RGBA", "L", "P"]))
     size = (draw(st.integers(1, 64)), draw(st.integers(1, 64)))
@@ -252,7 +256,7 @@ def encoded_images(draw, formats: list[str] = ENCODINGS):
         data = io.BytesIO(data)
     elif wrapper == "data-uri":
         data = "data:image/png;base64," + base64.b64encode(data).decode()
-    return data, damage == "none"
+    return data, damage == "none" and fmt in ALLOWED_IMAGE_FORMATS  # PPM, TGA and ICO are refused
 
 
 NOT_IMAGES = st.one_of(

@@ -120,6 +120,7 @@ def online_env(home: Path, endpoint: str | None, token: str) -> dict:
 
 
 def run(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**env, "PYTHONPATH": str(ROOT / "modeling")}  # this checkout's package, not the installed one
     return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True)
 
 
@@ -323,6 +324,7 @@ def test_the_script_refuses_a_broken_folder_with_its_fix(models, tmp_path):
 
 
 # ---- only the folder's own files, and never a credential, leave the machine ----------------------------------------
+# (The allow-list of tests/test_hardening_upload.py refuses these folders; they were skipped with a warning before.)
 
 SECRETS = {
     ".env": f"HF_TOKEN={TOKEN}\n",
@@ -347,7 +349,8 @@ def folder_with_secrets(models, path: Path) -> Path:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(content)
     (folder / "settings.txt").symlink_to(folder / ".env")  # an innocent name for a secret inside the folder
-    (folder / "alias.json").symlink_to(folder / "config.json")  # a link that stays inside: uploaded as its target
+    (folder / "generation_config.json").unlink()
+    (folder / "generation_config.json").symlink_to(folder / "token")  # an allowed name for a secret
     return folder
 
 
@@ -361,16 +364,19 @@ def folder_with_outside_links(models, path: Path, outside: Path) -> Path:
     return folder
 
 
-def test_secrets_are_skipped_with_a_warning_that_names_them(models, tmp_path, caplog):
+def test_secrets_stay_out_of_the_listing_and_refuse_the_push_naming_each(models, tmp_path):
     folder = folder_with_secrets(models, tmp_path / "folder")
-    with caplog.at_level("WARNING", logger="sonett.hub_upload"):
-        uploaded = {f.path_in_repo for f in validate_model_folder(folder)}
-    assert uploaded == {f.path_in_repo for f in list_upload_files(models["v1"]["folder"])} | {"alias.json"}
-    warning = caplog.text
-    for name in [*SECRETS, "settings.txt"]:
-        assert name in warning, name
-    assert "never leave the machine" in warning and "move them out of" in warning
-    assert TOKEN not in warning
+    assert {f.path_in_repo for f in list_upload_files(folder)} == {
+        f.path_in_repo for f in list_upload_files(models["v1"]["folder"])
+    } - {"generation_config.json"}
+    with pytest.raises(FolderNotReadyError) as error:
+        validate_model_folder(folder)
+    message = str(error.value)
+    for name in SECRETS:
+        assert name in message, name
+    assert "generation_config.json -> token" in message and "settings.txt" in message
+    assert "never uploaded" in message and "Move them out of the folder" in message
+    assert TOKEN not in message
 
 
 def test_links_that_leave_the_folder_are_refused_with_the_fix(models, tmp_path):
@@ -395,14 +401,10 @@ def test_a_push_sends_no_secret_and_no_outside_file_and_prints_no_token(models, 
         env = online_env(tmp_path / "home", hub.url, TOKEN)
         codes, output = run_pushes([[str(secrets), "tester/secrets"], [str(linked), "tester/linked"]], env, tmp_path)
         repos = hub.state.repos
-    assert codes == [0, 1], output[-4000:]
-    received = repos["tester/secrets"].files("main")
-    local = local_files(models["v1"]["folder"])
-    assert set(received) == set(local) | {"alias.json", ".gitattributes"}
-    assert received["alias.json"] == local["config.json"]
-    assert all(TOKEN.encode() not in data for data in received.values())
-    assert "tester/linked" not in repos  # refused before the repository was created
-    assert "not uploading 13 credential-looking files" in output and "Symbolic links lead outside the folder" in output
+    assert codes == [1, 1], output[-4000:]
+    assert "tester/secrets" not in repos and "tester/linked" not in repos  # refused before the repository was made
+    assert "Files that hold credentials are in the folder" in output
+    assert "Symbolic links lead outside the folder" in output
     assert TOKEN not in output and TOKEN[3:] not in output
 
 

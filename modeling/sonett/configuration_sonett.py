@@ -7,12 +7,19 @@ built, which attention mask it receives and which cache-layer class holds its de
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
+import math
 import numbers
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers import GenerationConfig, PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # Layer kinds implemented so far. A new kind needs one mixer module (registered in modeling_sonett.py) and one
 # cache-layer class (registered in cache_sonett.py), plus its name here.
@@ -56,6 +63,68 @@ INTEGER_FIELDS: tuple[str, ...] = (
 
 
 VISION_STEMS = ("patchify", "convolutional")
+# Keys a config.json or `from_pretrained(..., key=value)` may carry besides the dataclass fields: what transformers
+# itself reads or writes (also the attributes of transformers 4.x configs). They are never reported as misspelt.
+TRANSFORMERS_CONFIG_KEYS: frozenset[str] = frozenset(
+    {
+        "model_type",
+        "auto_map",
+        "base_config_key",
+        "_name_or_path",
+        "name_or_path",
+        "_commit_hash",
+        "transformers_version",
+        "torch_dtype",
+        "num_labels",
+        "rope_scaling",
+        "rope_theta",
+        "output_attentions",
+        "attn_implementation",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "experts_implementation",
+        "per_layer_config",
+        "quantization_config",
+        "transformers_weights",
+        "torchscript",
+        "use_bfloat16",
+        "tf_legacy_loss",
+        "pruned_heads",
+        "is_decoder",
+        "add_cross_attention",
+        "cross_attention_hidden_size",
+        "tie_encoder_decoder",
+        "finetuning_task",
+        "tokenizer_class",
+        "prefix",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "task_specific_params",
+        *GenerationConfig._get_default_generation_params(),
+    }
+)
+# How close an unknown key must be to a field to be reported as a likely misspelling (difflib's ratio).
+MISSPELLING_CUTOFF = 0.7
+
+
+def warn_misspelt_keys(config: PreTrainedConfig, extra_keys: Any) -> None:
+    """Log a warning for each unknown config key that looks like a misspelt field (`sliding_windw`).
+
+    transformers keeps unknown keys as plain attributes, so a misspelt field would silently leave the real field at
+    its default. Keys transformers itself uses (`TRANSFORMERS_CONFIG_KEYS`) and private ones are not reported, nor are
+    keys close to no field (custom metadata).
+    """
+    fields = sorted(field.name for field in dataclasses.fields(config))
+    for key in extra_keys:
+        if not isinstance(key, str) or key.startswith("_") or key in fields or key in TRANSFORMERS_CONFIG_KEYS:
+            continue
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=MISSPELLING_CUTOFF)
+        if close:
+            logger.warning_once(
+                f"{type(config).__name__} got the unknown key {key!r}: did you mean {close[0]!r}? The key is kept as "
+                f"an extra attribute and has no effect, so {close[0]} keeps its value; rename it in config.json (or "
+                "the keyword argument)."
+            )
 
 
 @strict
@@ -96,6 +165,7 @@ class SonettVisionConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        warn_misspelt_keys(self, kwargs)
         super().__post_init__(**kwargs)
         self.validate_architecture()
 
@@ -125,6 +195,11 @@ class SonettVisionConfig(PreTrainedConfig):
             raise ValueError(
                 f"SonettVisionConfig.num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
                 f"({self.hidden_size})."
+            )
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(
+                f"SonettVisionConfig.layer_norm_eps must be a small positive number (e.g. 1e-6), got {eps!r}."
             )
         if self.num_visual_tokens is not None and self.num_visual_tokens < 1:
             raise ValueError(
@@ -270,6 +345,7 @@ class SonettConfig(PreTrainedConfig):
     image_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
+        warn_misspelt_keys(self, kwargs)
         self._check_integer_fields()
         if isinstance(self.layer_types, list):
             self.layer_types = [LOADED_LAYER_KIND_NAMES.get(kind, kind) for kind in self.layer_types]
@@ -324,22 +400,27 @@ class SonettConfig(PreTrainedConfig):
         The legacy `rope_scaling` and `rope_theta` keys of older config.json files are read as transformers does.
         """
         rope_theta = kwargs.pop("rope_theta", None)
+
+        def default_theta(kind: str) -> Any:
+            """A legacy top-level `rope_theta` if given (checked later, so 0 or NaN is refused), else the kind's."""
+            return self.default_theta[kind] if rope_theta is None else rope_theta
+
         params = copy.deepcopy(kwargs.pop("rope_scaling", None) or self.rope_parameters)
         kinds = [kind for kind in ROPE_KINDS if kind in self.layer_types]
 
         def default(kind: str) -> dict:
-            return {"rope_type": "default", "rope_theta": rope_theta or self.default_theta[kind]}
+            return {"rope_type": "default", "rope_theta": default_theta(kind)}
 
         if params is None:
             params = {kind: default(kind) for kind in kinds} or default("sliding_attention")
         elif self._check_rope_layout(params):
             params = {**{kind: default(kind) for kind in kinds}, **params}
             for kind, entry in params.items():
-                entry.setdefault("rope_theta", rope_theta or self.default_theta[kind])
+                entry.setdefault("rope_theta", default_theta(kind))
         elif "rope_theta" not in params and rope_theta is None and kinds:
             params = {kind: {**params, "rope_theta": self.default_theta[kind]} for kind in kinds}
         else:
-            params.setdefault("rope_theta", rope_theta or self.default_theta["sliding_attention"])
+            params.setdefault("rope_theta", default_theta("sliding_attention"))
         self.rope_parameters = params
         return super().convert_rope_params_to_dict(**kwargs)
 
@@ -417,13 +498,13 @@ class SonettConfig(PreTrainedConfig):
             )
 
         def number(key: str, low: float | None = None, above: bool = False) -> None:
-            """A real number (not a bool), >= low (> low with `above`); a missing key is left to transformers."""
+            """A finite real number (not a bool), >= low (> low with `above`); a missing key is left to transformers."""
             value = params.get(key)
             if value is None:
                 return
-            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
             if not real or (low is not None and (value <= low if above else value < low)):
-                need = "a number" if low is None else "a positive number" if above else f"a number >= {low:g}"
+                need = "a finite number" if low is None else "a positive number" if above else f"a number >= {low:g}"
                 raise ValueError(f"{where}: {key} must be {need}, got {value!r}.")
 
         number("rope_theta", 0.0, above=True)
@@ -477,8 +558,22 @@ class SonettConfig(PreTrainedConfig):
             "num_attention_heads",
             "num_key_value_heads",
             "head_dim",
+            "max_position_embeddings",
         ):
             positive(name)
+        eps = self.rms_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(
+                f"SonettConfig.rms_norm_eps must be a small positive number (e.g. 1e-6), got {eps!r}: RMSNorm divides "
+                "by sqrt(mean(x^2) + eps), so 0 divides by zero on a zero vector and a negative or NaN eps gives NaN."
+            )
+        if self.hidden_act not in ACT2FN:
+            close = difflib.get_close_matches(str(self.hidden_act), sorted(ACT2FN), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(
+                f"SonettConfig.hidden_act = {self.hidden_act!r} is not an activation transformers knows; {hint}"
+                f"choose one of transformers' ACT2FN names: {sorted(ACT2FN)}."
+            )
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"SonettConfig.num_attention_heads ({self.num_attention_heads}) must divide "

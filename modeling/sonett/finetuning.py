@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from .hub import save_model_and_tokenizer
+from .hub_upload import relative_local_paths
 from .instruction_data import default_instruction_splits
 from .loading import load_model, load_tokenizer
 from .peft_sonett import LORA_TARGET_MODULES
@@ -431,7 +432,8 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments, splits: 
     if trainer.is_world_process_zero():
         if args.merge:
             results["merged_dir"] = str(merge_adapter(peft_model, tokenizer, output_dir / "merged"))
-        (output_dir / "finetune_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        written = relative_local_paths(results, output_dir)  # no absolute local path in a file that may be shared
+        (output_dir / "finetune_results.json").write_text(json.dumps(written, indent=2) + "\n")
     return results
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
+from .hub_upload import relative_local_paths
 from .loading import check_saved_code
 from .model_card import render_model_card
 from .tokenizer_training import TURN_END_TOKEN
@@ -93,18 +94,24 @@ def write_model_folder(
 ) -> Path:
     """Save everything a Hub repository of this model needs into `output_dir`.
 
+    Absolute local paths in `results` and `repo_id` (data files, arguments, a checkpoint, the folder itself) are
+    written relative to the working directory or the folder, or as a file name alone (`relative_local_paths`), so the
+    card and `training_results.json` never publish where the files lay on this machine.
+
     Args:
         model: a Sonett model (its `save_pretrained` writes the full `auto_map` and copies the code files).
         tokenizer: the tokenizer to ship with it.
         output_dir: the folder; created if needed.
         results: measured facts for the model card, also written to `training_results.json`.
         model_name: the card's title (the folder name by default).
-        repo_id: the Hub id used in the card's usage example.
+        repo_id: the Hub id (or the local folder) used in the card's usage example.
 
     Returns:
         The folder path.
     """
     output_dir = save_model_and_tokenizer(model, tokenizer, output_dir)
+    results = relative_local_paths(results, output_dir)
+    repo_id = relative_local_paths(repo_id, output_dir)
     name = model_name or output_dir.name
     card = render_model_card(model.config, count_parameters(model), results, name, repo_id=repo_id)
     (output_dir / "README.md").write_text(card, encoding="utf-8")
@@ -127,13 +134,15 @@ def add_quality_results(folder: str | Path, rows: list[dict]) -> None:
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     names = {row["evaluation"] for row in rows}
     results["quality"] = [row for row in results.get("quality", []) if row["evaluation"] not in names] + rows
+    results = relative_local_paths(results, folder)  # commands name local folders
     parameters = results.get("parameters")
     if parameters is None:
         from .modeling_sonett import SonettForCausalLM
 
         with torch.device("meta"):
             parameters = count_parameters(SonettForCausalLM(config))
-    card = render_model_card(config, parameters, results, folder.name, repo_id=str(folder))
+    repo_id = relative_local_paths(str(folder), folder)
+    card = render_model_card(config, parameters, results, folder.name, repo_id=repo_id)
     results_file.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").write_text(card, encoding="utf-8")
 
@@ -143,6 +152,7 @@ def write_baseline_folder(
 ) -> Path:
     """Save a baseline model (a plain transformers architecture) with its tokenizer and `training_results.json`."""
     output_dir = save_model_and_tokenizer(model, tokenizer, output_dir)
+    results = relative_local_paths(results, output_dir)
     (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     logger.info("wrote %s", output_dir)
     return output_dir

@@ -9,10 +9,23 @@ checks that name the bad image and the fix:
   uint8 values are used as they are, floats must lie in [0, 1], uint16 is 16-bit, other integers must lie in
   [0, 255]. When both end axes could hold the channels (a side of 1, 3 or 4 pixels), the one holding 3 wins, then
   numpy arrays are read channels-last and torch tensors channels-first; pass `input_data_format` to say which.
-- encoded images: bytes, file paths (str or os.PathLike), binary file objects and `data:image/...;base64,` URIs. The
-  header is read first, and an image with more than `max_image_pixels` pixels is refused *before* it is decoded.
-  A corrupt or truncated file raises instead of giving a partly grey image (as long as the process-wide
-  `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` stays False, its default).
+- encoded images: bytes, file paths (str or os.PathLike), binary file objects and `data:image/...;base64,` URIs
+  (URLs are refused: nothing is downloaded). They are untrusted data, so only the raster formats in
+  `ALLOWED_IMAGE_FORMATS` (PNG, JPEG, GIF, BMP, TIFF, WebP) are decoded, decided from the header: EPS and
+  PostScript (which PIL decodes by running Ghostscript), ICO, PPM, PSD and every other format are refused, naming
+  the format when its magic bytes tell it. An image with more than `max_image_pixels` pixels is refused *before*
+  it is decoded. A file path is read lazily, so a small image followed by a lot of data costs what the decoder
+  reads, not the file size. A corrupt or truncated file raises instead of giving a partly grey image (as long as
+  the process-wide `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` stays False, its default). The EXIF orientation is applied
+  (as `transformers.image_utils.load_image` does; corrupt EXIF metadata is refused), and a multi-frame image
+  (animated GIF/PNG/WebP, multi-page TIFF) gives its first frame; the other frames are never decoded.
+
+PIL images are used as given (their EXIF orientation is not applied: the caller holds the pixels, and a PIL image
+gives the same output as its numpy array); one that is still lazy (opened, not yet decoded) must be of an allowed
+format, since decoding it here would run its decoder.
+
+The output `size` is a fixed {"height", "width"} of 1 to `MAX_IMAGE_SIDE` pixels each, checked in the
+constructor (so also in `from_pretrained`) and per call.
 
 Then the PIL backend resizes (bilinear), rescales by 1/255 and normalises (mean = std = 0.5, so pixels land in
 [-1, 1]).
@@ -23,11 +36,12 @@ import binascii
 import io
 import logging
 import os
-from typing import Any
+import struct
+from typing import IO, Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import ChannelDimension, PILImageResampling
@@ -36,6 +50,14 @@ from transformers.processing_utils import ImagesKwargs, Unpack
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+# The raster formats decoded from untrusted bytes (PIL format names); everything else is refused from the header.
+ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+_ALLOWED_NAMES = "PNG, JPEG, GIF, BMP, TIFF or WebP"
+_DECODED_FORMATS = frozenset(ALLOWED_IMAGE_FORMATS) | {"MPO"}  # PIL opens multi-picture JPEGs as MPO
+# The largest output side (`size`): 4096 x 4096 is 192 MiB of float32 pixel values per image.
+MAX_IMAGE_SIDE = 4096
+_SIZE_KEYS = ("height", "width")
+_HEADER_BYTES = 30  # enough for PIL's magic-byte checks (16) and the WebP canvas size (30)
 ACCEPTED_CHANNELS = (1, 3, 4)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ACCEPTED_KINDS = (
@@ -112,6 +134,38 @@ class SonettImageProcessor(PilBackend):
     def __init__(self, **kwargs: Unpack[SonettImagesKwargs]) -> None:
         super().__init__(**kwargs)
         self._check_limit(self.max_image_pixels)
+        self._check_output_sizes(size=self.size, crop_size=self.crop_size, pad_size=self.pad_size)
+
+    @staticmethod
+    def _check_output_sizes(**sizes: Any) -> None:
+        """`size` (and `crop_size` / `pad_size` when set) must be a fixed {"height", "width"} of ints, each in
+        [1, MAX_IMAGE_SIDE]: the output of every image is then bounded, whatever its input size."""
+        for name, size in sizes.items():
+            if size is None and name != "size":
+                continue
+            given = {key: value for key, value in dict(size or {}).items() if value is not None}
+            if set(given) != set(_SIZE_KEYS):
+                raise ValueError(
+                    f"{name}={given} is not a fixed output size: Sonett resizes every image to one height x width; "
+                    f"pass {name}={{'height': H, 'width': W}} (or one int for a square)."
+                )
+            for key in _SIZE_KEYS:
+                value = given[key]
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                    raise ValueError(f"{name} {key}={value!r} must be an int number of pixels, e.g. {key}=32.")
+                if not 1 <= value <= MAX_IMAGE_SIDE:
+                    raise ValueError(
+                        f"{name} {key}={value} must be between 1 and {MAX_IMAGE_SIDE} pixels (at most "
+                        f"{MAX_IMAGE_SIDE}: one {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} image is 192 MiB of float32 pixel "
+                        "values); pass the side the vision encoder reads (its image_size, e.g. 32)."
+                    )
+
+    def _validate_preprocess_kwargs(self, **kwargs: Any) -> None:
+        """The standard checks, plus the bounds of a per-call `size`, `crop_size` and `pad_size`."""
+        super()._validate_preprocess_kwargs(**kwargs)
+        self._check_output_sizes(
+            size=kwargs.get("size"), crop_size=kwargs.get("crop_size"), pad_size=kwargs.get("pad_size")
+        )
 
     @staticmethod
     def _check_limit(limit: Any) -> int:
@@ -177,15 +231,16 @@ class SonettImageProcessor(PilBackend):
         """
         limit = self.max_image_pixels if max_image_pixels is None else max_image_pixels
         if isinstance(image, Image.Image):
+            self._check_decodable(image, label)
             pil = image
-        elif isinstance(image, (bytes, bytearray, memoryview)):
-            pil = self._open_encoded(io.BytesIO(bytes(image)), label, limit)
-        elif isinstance(image, (str, os.PathLike)):
-            pil = self._open_location(image, label, limit)
         elif isinstance(image, (np.ndarray, torch.Tensor)):
             pil = self._array_to_pil(image, label, limit, do_convert_rgb, input_data_format)
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            return self._decode(io.BytesIO(bytes(image)), label, limit, do_convert_rgb)
+        elif isinstance(image, (str, os.PathLike)):
+            return self._decode_location(image, label, limit, do_convert_rgb)
         elif hasattr(image, "read"):
-            pil = self._open_encoded(image, label, limit)
+            return self._decode(image, label, limit, do_convert_rgb)
         else:
             raise TypeError(
                 f"{label} is of type {type(image).__name__}, which is not an image; pass {_ACCEPTED_KINDS}."
@@ -204,7 +259,18 @@ class SonettImageProcessor(PilBackend):
                 "(a guard against decompression bombs); downscale the image or raise max_image_pixels."
             )
 
-    def _open_location(self, location: str | os.PathLike, label: str, limit: int) -> Image.Image:
+    @staticmethod
+    def _check_decodable(pil: Image.Image, label: str) -> None:
+        """A PIL image that is still lazy (opened, not decoded) would be decoded here: only allowed formats are."""
+        if getattr(pil, "tile", None) and pil.format not in _DECODED_FORMATS:
+            raise ValueError(
+                f"{label} is an image in the {pil.format} format, not decoded yet; only {_ALLOWED_NAMES} images are "
+                "decoded here (other decoders can run external programs, e.g. Ghostscript for EPS). Convert it to "
+                "PNG with a tool you trust, or decode it yourself first (image.load()) if you trust its source."
+            )
+
+    def _decode_location(self, location: str | os.PathLike, label: str, limit: int, do_convert_rgb: bool) -> np.ndarray:
+        """A data URI or a file path -> RGB uint8 (H, W, 3). A file is read lazily, never all at once."""
         text = os.fspath(location)
         if isinstance(text, bytes):
             text = text.decode()
@@ -216,7 +282,7 @@ class SonettImageProcessor(PilBackend):
                 data = base64.b64decode(payload, validate=True)
             except (binascii.Error, ValueError) as error:
                 raise ValueError(f"{label} is a data URI whose base64 data is invalid ({error}).") from error
-            return self._open_encoded(io.BytesIO(data), label, limit)
+            return self._decode(io.BytesIO(data), label, limit, do_convert_rgb)
         if text.startswith(("http://", "https://")):
             raise ValueError(
                 f"{label} is a URL ({text[:80]}); this processor does not download: fetch the file and pass its "
@@ -226,24 +292,69 @@ class SonettImageProcessor(PilBackend):
             raise ValueError(
                 f"{label} is the string {text[:80]!r}, which is not an existing image file; pass {_ACCEPTED_KINDS}."
             )
-        with open(text, "rb") as handle:
-            return self._open_encoded(io.BytesIO(handle.read()), label, limit)
+        with open(text, "rb") as handle:  # decoded while open: the decoder reads what it needs
+            return self._decode(handle, label, limit, do_convert_rgb)
 
-    def _open_encoded(self, stream: Any, label: str, limit: int) -> Image.Image:
-        """Read the header, check the size against `limit`, then decode fully (all before any pixel work)."""
+    def _decode(self, stream: IO[bytes], label: str, limit: int, do_convert_rgb: bool) -> np.ndarray:
+        """Encoded image -> RGB uint8 (H, W, 3): header checks, decoding of the first frame, EXIF orientation."""
+        pil = self._open_encoded(stream, label, limit)
+        self._load(pil, label)
         try:
-            pil = Image.open(stream)
+            ImageOps.exif_transpose(pil, in_place=True)
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, struct.error) as error:
+            raise ValueError(
+                f"{label} has corrupt EXIF metadata ({type(error).__name__}: {error}), so its orientation is "
+                "unknown; re-encode the image or strip its metadata."
+            ) from error
+        return self._pil_to_rgb(pil, label, limit, do_convert_rgb)
+
+    def _open_encoded(self, stream: IO[bytes], label: str, limit: int) -> Image.Image:
+        """Read the header and decide from it: an allowed format within `limit` pixels, or a clear error.
+
+        Nothing is decoded here; WebP (whose decoder takes its whole input at once) gets only its RIFF payload.
+        """
+        try:
+            stream.seek(0)  # PIL reads from the start of a stream
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both: an unseekable stream
+            stream = io.BytesIO(stream.read())
+        header = stream.read(_HEADER_BYTES)
+        if not isinstance(header, bytes):
+            raise ValueError(f"{label} is a text stream; open the file in binary mode ('rb') or pass its path.")
+        stream.seek(0)
+        if header[:4] == b"RIFF" and header[8:12] == b"WEBP":
+            stream = self._webp_payload(stream, header, label, limit)
+        try:
+            pil = Image.open(stream, formats=ALLOWED_IMAGE_FORMATS)
         except Image.DecompressionBombError as error:
             raise ValueError(
                 f"{label} is too large to decode safely ({error}); downscale the image before passing it."
             ) from error
         except (OSError, SyntaxError, ValueError) as error:  # UnidentifiedImageError is an OSError
+            refused = _sniff_refused_format(header)
+            if refused:
+                raise ValueError(
+                    f"{label} looks like an image in the {refused} format (from its header); only {_ALLOWED_NAMES} "
+                    "images are decoded (other decoders can run external programs, e.g. Ghostscript for EPS). "
+                    "Convert it to PNG with a tool you trust."
+                ) from error
             raise ValueError(
-                f"{label} could not be read as an image ({error}); pass a valid PNG, JPEG, GIF, BMP, TIFF or WebP "
-                "file, or re-encode it."
+                f"{label} could not be read as an image ({error}); pass a valid {_ALLOWED_NAMES} file, or re-encode it."
             ) from error
         self._check_size(pil.width, pil.height, label, limit)
         return pil
+
+    def _webp_payload(self, stream: IO[bytes], header: bytes, label: str, limit: int) -> io.BytesIO:
+        """WebP's decoder reads all its input and allocates the canvas at open: check the canvas size from the
+        header first, then read only the RIFF payload the header declares (not what follows it)."""
+        size = _webp_canvas_size(header)
+        if size is not None:
+            self._check_size(*size, label, limit)
+        riff_end = 8 + int.from_bytes(header[4:8], "little")
+        payload = io.BytesIO()
+        while payload.tell() < riff_end and (chunk := stream.read(min(riff_end - payload.tell(), 1 << 20))):
+            payload.write(chunk)
+        payload.seek(0)
+        return payload
 
     def _array_to_pil(
         self,
@@ -332,17 +443,7 @@ class SonettImageProcessor(PilBackend):
     def _pil_to_rgb(self, pil: Image.Image, label: str, limit: int, do_convert_rgb: bool) -> np.ndarray:
         """Decode (if still lazy) and convert a PIL image to an RGB uint8 array (H, W, 3)."""
         self._check_size(pil.width, pil.height, label, limit)
-        try:
-            pil.load()
-        except Image.DecompressionBombError as error:
-            raise ValueError(
-                f"{label} is too large to decode safely ({error}); downscale the image before passing it."
-            ) from error
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
-            raise ValueError(
-                f"{label} could not be decoded: the file is truncated or corrupt ({error}); re-download or "
-                "re-encode it."
-            ) from error
+        self._load(pil, label)
         if pil.mode == "RGB" and "transparency" not in pil.info:
             return np.asarray(pil, dtype=np.uint8)
         if not do_convert_rgb:
@@ -370,6 +471,21 @@ class SonettImageProcessor(PilBackend):
         return np.asarray(rgb, dtype=np.uint8)
 
     @staticmethod
+    def _load(pil: Image.Image, label: str) -> None:
+        """Decode a lazy PIL image (its current frame) in place; errors name the image."""
+        try:
+            pil.load()
+        except Image.DecompressionBombError as error:
+            raise ValueError(
+                f"{label} is too large to decode safely ({error}); downscale the image before passing it."
+            ) from error
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise ValueError(
+                f"{label} could not be decoded: the file is truncated or corrupt ({error}); re-download or "
+                "re-encode it."
+            ) from error
+
+    @staticmethod
     def _high_depth_to_uint8(pil: Image.Image, label: str) -> np.ndarray:
         """16-bit and 32-bit integer modes are read as 16-bit ([0, 65535]); float mode 'F' must lie in [0, 1]."""
         values = np.asarray(pil)
@@ -392,6 +508,45 @@ class SonettImageProcessor(PilBackend):
         return BatchFeature(data={"pixel_values": np.stack(pixel_values)}, tensor_type=return_tensors)
 
 
+def _sniff_refused_format(header: bytes) -> str | None:
+    """The PIL format name that `header` (a file's first bytes) looks like, when it is not an allowed format.
+
+    Only PIL's cheap magic-byte checks run (no format parser); None when an allowed format claims the header or no
+    format recognises it.
+    """
+    Image.init()
+    prefix = header[:16]  # what PIL's own checks see
+    for name in (*ALLOWED_IMAGE_FORMATS, *Image.OPEN):
+        accept = Image.OPEN[name][1] if name in Image.OPEN else None
+        try:
+            claimed = accept is not None and accept(prefix)
+        except Exception:  # a format's check that cannot read this prefix simply does not claim it
+            continue
+        if claimed and not isinstance(claimed, str):  # a string is PIL's "support not installed" note
+            return None if name in ALLOWED_IMAGE_FORMATS else name
+    return None
+
+
+def _webp_canvas_size(header: bytes) -> tuple[int, int] | None:
+    """(width, height) from a WebP file's first 30 bytes (VP8, VP8L or VP8X chunk), without decoding."""
+    chunk = header[12:16]
+    if chunk == b"VP8 " and len(header) >= 30 and header[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(header[26:28], "little") & 0x3FFF, int.from_bytes(header[28:30], "little") & 0x3FFF
+    if chunk == b"VP8L" and len(header) >= 25 and header[20] == 0x2F:
+        bits = int.from_bytes(header[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(header) >= 30:
+        return int.from_bytes(header[24:27], "little") + 1, int.from_bytes(header[27:30], "little") + 1
+    return None
+
+
 SonettImageProcessor.register_for_auto_class()
 
-__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "SonettImageProcessor", "flatten_images", "is_image_batch"]
+__all__ = [
+    "ALLOWED_IMAGE_FORMATS",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "MAX_IMAGE_SIDE",
+    "SonettImageProcessor",
+    "flatten_images",
+    "is_image_batch",
+]

@@ -45,6 +45,11 @@ except Exception:  # not installed, or installed without a working triton / GPU 
 DECAY_TEMPERATURE = 16.0
 # Initial memory length 1 / (1 - a) in tokens, log-spaced over the heads from the first to the second value.
 INITIAL_MEMORY_RANGE = (32.0, 1024.0)
+# A sequence shorter than one chunk is padded to the whole chunk only for chunk sizes up to this: it keeps the outputs
+# of the usual sizes (64) bit-identical to what earlier versions computed, at a cost of at most 256 x 256 per head. A
+# larger chunk size gives a short sequence a chunk of its own length (equal up to float rounding), so a 6-token input
+# no longer builds chunk_size x chunk_size matrices (4.5 GB at 8192).
+FULL_CHUNK_PADDING_MAX = 256
 
 
 def fla_available() -> bool:
@@ -89,7 +94,8 @@ def chunk_linear_attention(
     Inside a chunk, token i reads token j <= i with weight (φq_i · φk_j) · exp(L_i - L_j), where L is the
     cumulative log decay within the chunk; earlier chunks reach it through the state carried from chunk to
     chunk. The length is padded to a multiple of `chunk_size` (padding has zero keys and zero log decay, so it
-    changes neither the outputs nor the final state).
+    changes neither the outputs nor the final state), except that a sequence shorter than a chunk larger than
+    `FULL_CHUNK_PADDING_MAX` is one chunk of its own length: it costs (seq x seq), not (chunk_size x chunk_size).
 
     Args:
         q_feat: φ(q) `(batch, heads, seq, d_phi)`.
@@ -111,6 +117,8 @@ def chunk_linear_attention(
         resets = None
     with torch.autocast(device_type=q_feat.device.type, enabled=False):
         q, k, values, g = (t.float() for t in (q_feat, k_feat, v, log_decay))
+        if chunk_size > max(seq_len, FULL_CHUNK_PADDING_MAX):
+            chunk_size = max(seq_len, 1)
         pad = (-seq_len) % chunk_size
         if pad:
             q, k, values = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, values))
@@ -287,7 +295,8 @@ class SonettLinearAttention(nn.Module):
     ) -> torch.Tensor | PackedDocuments | None:
         """Padding mask of the current tokens `(batch, seq)` (True = real), or None without any padding.
 
-        Only a 2-D `attention_mask` `(batch, past + seq)` can be used (the model refuses a 4-D one for this kind).
+        Only a 2-D `attention_mask` `(batch, past + seq)` is read here: the model turns a block-diagonal 4-D mask
+        into `documents` and refuses any other 4-D mask for this kind.
         Packed rows (`documents`, never padded) give the `PackedDocuments` themselves: the state resets at each
         document start.
         """

@@ -10,18 +10,24 @@ positions and cache state.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import json
 import logging
 import os
+import re
 from contextlib import contextmanager
 
 import torch
-from safetensors import SafetensorError
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation.configuration_utils import GenerationMode
+from transformers.loss.loss_utils import ForSequenceClassificationLoss, ForTokenClassification
 from transformers.modeling_layers import (
     GenericForQuestionAnswering,
     GenericForSequenceClassification,
@@ -31,6 +37,7 @@ from transformers.modeling_layers import (
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.hub import resolve_revision
 from transformers.utils.output_capturing import OutputRecorder, resolve_hidden_states_indices, selected_hidden_states
 
 from .attention_sonett import SonettAttention
@@ -175,6 +182,7 @@ class SonettPreTrainedModel(PreTrainedModel):
                 new parts and train them; the loading report still lists them.
             Other arguments as in `PreTrainedModel.from_pretrained`.
         """
+        refuse_mismatch = not kwargs.get("ignore_mismatched_sizes", False)
         if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
             subfolder = kwargs.get("subfolder") or ""
             folder = (
@@ -183,8 +191,10 @@ class SonettPreTrainedModel(PreTrainedModel):
                 else str(pretrained_model_name_or_path)
             )
             check_local_weights(folder, kwargs.get("config") is not None, kwargs.setdefault("use_safetensors", True))
+            if not kwargs.get("gguf_file"):
+                where = str(pretrained_model_name_or_path)
+                cls.check_checkpoint_sizes(where, kwargs, refuse_mismatch, allow_missing_weights)
         want_info = kwargs.pop("output_loading_info", False)
-        refuse_mismatch = not kwargs.get("ignore_mismatched_sizes", False)
         kwargs["ignore_mismatched_sizes"] = True  # report mismatches below, with their names, instead of a bare error
         try:
             model, info = super().from_pretrained(
@@ -198,16 +208,8 @@ class SonettPreTrainedModel(PreTrainedModel):
             ) from error
         where = pretrained_model_name_or_path
         if refuse_mismatch and info["mismatched_keys"]:
-            shapes = [
-                f"{name} {tuple(saved)} in the checkpoint vs {tuple(expected)} in the model"
-                for name, saved, expected in sorted(info["mismatched_keys"], key=lambda item: item[0])
-            ]
-            raise ValueError(
-                f"The checkpoint in {where} does not fit this config: {len(shapes)} tensors have other shapes "
-                f"({'; '.join(shapes[:5])}{'; ...' if len(shapes) > 5 else ''}). The weights were saved from a model "
-                "with another config (e.g. another hidden_size); load them with the config.json saved next to them "
-                "(no config= or size overrides), or pass ignore_mismatched_sizes=True to re-initialise those tensors."
-            )
+            shapes = {name: (tuple(saved), tuple(expected)) for name, saved, expected in info["mismatched_keys"]}
+            raise ValueError(size_mismatch_message(where, shapes, differing_fields(model.config, shapes)))
         missing = model.truly_missing_weights(info["missing_keys"])
         if missing and not allow_missing_weights:
             raise ValueError(
@@ -218,6 +220,81 @@ class SonettPreTrainedModel(PreTrainedModel):
                 "weights yourself."
             )
         return (model, info) if want_info else model
+
+    @classmethod
+    def check_checkpoint_sizes(
+        cls, pretrained_model_name_or_path: str, kwargs: dict, refuse_mismatch: bool, allow_missing_weights: bool
+    ) -> None:
+        """Raise a ValueError naming the config fields that do not fit the checkpoint, before any tensor is allocated.
+
+        transformers finds a shape mismatch only after building the model, and then allocates and initialises the
+        mismatched tensors before reporting them (a `vocab_size` of 25,000,000 in config.json costs seconds and GBs
+        first). Here the checkpoint's shapes come from the safetensors headers (no tensor data is read) and the model's
+        from a copy built on the meta device (no memory), for a local folder or a Hub model whose files are already
+        in the cache (nothing is downloaded here; an uncached model is checked by transformers' load, after it).
+
+        Args:
+            pretrained_model_name_or_path: the folder or Hub id given to `from_pretrained`.
+            kwargs: the other arguments of `from_pretrained`; a Hub revision is resolved once and stored back in them,
+                so the check and the load read the same commit.
+            refuse_mismatch: False when the caller passed `ignore_mismatched_sizes=True` (shapes are not compared).
+            allow_missing_weights: the caller accepts a config with more layers than the checkpoint.
+        """
+        folder = local_model_folder(pretrained_model_name_or_path, kwargs)
+        config = cls._config_to_check(folder, kwargs) if folder is not None else None
+        if config is None or getattr(config, "transformers_weights", None):
+            return  # (an explicit weights file name is left to transformers)
+        saved = checkpoint_shapes(folder, kwargs.get("variant"), kwargs.get("use_safetensors", True))
+        if not saved:
+            return
+        with torch.device("meta"), init.no_init_weights(), init.meta_device_safe_creation_ops():
+            expected = {name: tuple(tensor.shape) for name, tensor in cls(config).state_dict().items()}
+        prefix = f"{cls.base_model_prefix}."
+        pairs = {}  # model name -> (checkpoint shape, model shape), with transformers' base-model prefix handling
+        for name, shape in saved.items():
+            for candidate in (name, prefix + name, name.removeprefix(prefix)):
+                if candidate in expected:
+                    pairs[candidate] = (shape, expected[candidate])
+                    break
+        mismatched = {name: shapes for name, shapes in pairs.items() if shapes[0] != shapes[1]}
+        where = pretrained_model_name_or_path
+        if refuse_mismatch and mismatched:
+            raise ValueError(size_mismatch_message(where, mismatched, differing_fields(config, mismatched)))
+        layer_key = re.compile(rf"^(?:{re.escape(prefix)})?layers\.(\d+)\.")
+        indices = [int(match.group(1)) for name in saved if (match := layer_key.match(name))]
+        saved_layers, layers = (max(indices) + 1 if indices else 0), config.num_hidden_layers
+
+        def span(first: int, last: int) -> str:
+            return f"layer {first}" if first == last else f"layers {first} to {last}"
+
+        if saved_layers and saved_layers > layers and refuse_mismatch:
+            raise ValueError(
+                f"The checkpoint in {where} holds {saved_layers} decoder layers but num_hidden_layers = {layers} in "
+                f"the config, so {span(layers, saved_layers - 1)} would be dropped. Set num_hidden_layers to "
+                f"{saved_layers} (with one layer_types entry per layer) in config.json, or load the weights with the "
+                "config.json saved next to them (no config= or size overrides); pass ignore_mismatched_sizes=True to "
+                f"load only the first {layers} layers."
+            )
+        if saved_layers and saved_layers < layers and not allow_missing_weights:
+            raise ValueError(
+                f"The checkpoint in {where} holds {saved_layers} decoder layers but num_hidden_layers = {layers} in "
+                f"the config, so {span(saved_layers, layers - 1)} would be randomly initialised and the model "
+                f"would give wrong answers. Set num_hidden_layers to {saved_layers} (with one layer_types entry per "
+                "layer) in config.json, or pass allow_missing_weights=True if you will train the new layers."
+            )
+
+    @classmethod
+    def _config_to_check(cls, folder: str, kwargs: dict) -> PreTrainedConfig | None:
+        """The config `from_pretrained` will build the model from: `config=`, or config.json in `folder` with the
+        config fields passed as keyword arguments; None for a `config=` path this check does not read (a Hub id)."""
+        config = kwargs.get("config")
+        if isinstance(config, PreTrainedConfig):
+            return copy.deepcopy(config)
+        if config is not None and not os.path.isdir(str(config)):
+            return None
+        fields = {field.name for field in dataclasses.fields(cls.config_class)} | {"num_labels"}
+        overrides = {key: value for key, value in kwargs.items() if key in fields and key != "dtype"}
+        return cls.config_class.from_pretrained(folder if config is None else config, **overrides)
 
     def truly_missing_weights(self, missing_keys: set[str]) -> list[str]:
         """The missing weights (as transformers reports them after its key renaming, prefix handling, tying and
@@ -242,6 +319,131 @@ class SonettPreTrainedModel(PreTrainedModel):
         auto_map.update(self.auto_map_heads)
         self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+# Config fields that set one dimension of a tensor: (pattern of the model's tensor name, dimension, field). Layer
+# patterns name the layer index as group 1; the q/k patterns hold for the softmax-attention kinds (`ROPE_KINDS`).
+FIELD_DIMENSIONS: tuple[tuple[str, int, str], ...] = (
+    (r"^(?:model\.)?embed_tokens\.weight$", 0, "vocab_size"),
+    (r"^(?:model\.)?embed_tokens\.weight$", 1, "hidden_size"),
+    (r"^(?:model\.)?layers\.(\d+)\.mlp\.gate_proj\.weight$", 0, "intermediate_size"),
+    (r"^(?:model\.)?layers\.(\d+)\.mixer\.q_proj\.weight$", 0, "num_attention_heads * head_dim"),
+    (r"^(?:model\.)?layers\.(\d+)\.mixer\.k_proj\.weight$", 0, "num_key_value_heads * head_dim"),
+)
+
+
+def differing_fields(config: SonettConfig, mismatched: dict[str, tuple[tuple, tuple]]) -> list[str]:
+    """The config fields that explain shape mismatches, each as "field = config value in the config, checkpoint
+    value in the checkpoint".
+
+    Args:
+        config: the config the model was (or would be) built from.
+        mismatched: model tensor name -> (checkpoint shape, model shape), for the tensors whose shapes differ.
+    """
+    found = {}
+    for pattern, dim, field in FIELD_DIMENSIONS:
+        for name, (saved, expected) in sorted(mismatched.items()):
+            match = re.match(pattern, name)
+            if field in found or match is None or len(saved) != len(expected) or saved[dim] == expected[dim]:
+                continue
+            if "*" in field and config.layer_types[int(match.group(1))] not in ROPE_KINDS:
+                continue  # the q/k projections of linear attention have another width
+            heads = field.split(" * ")[0]
+            value = f"{getattr(config, heads)} * {config.head_dim} = {expected[dim]}" if "*" in field else expected[dim]
+            found[field] = f"{field} = {value} in the config, {saved[dim]} in the checkpoint ({name})"
+    return list(found.values())
+
+
+def size_mismatch_message(where: str, mismatched: dict[str, tuple[tuple, tuple]], fields: list[str]) -> str:
+    """The error for a checkpoint whose tensor shapes differ from the model's (model name -> (checkpoint shape,
+    model shape)), naming the config fields found by `differing_fields` and the fixes."""
+    shapes = [
+        f"{name} {saved} in the checkpoint vs {expected} in the model"
+        for name, (saved, expected) in sorted(mismatched.items())
+    ]
+    named = f" Config fields that differ from the checkpoint: {'; '.join(fields)}." if fields else ""
+    return (
+        f"The checkpoint in {where} does not fit this config: {len(shapes)} tensors have other shapes "
+        f"({'; '.join(shapes[:5])}{'; ...' if len(shapes) > 5 else ''}).{named} The weights were saved from a model "
+        "with another config (e.g. another hidden_size); set those fields in config.json to the checkpoint's values, "
+        "or load the weights with the config.json saved next to them (no config= or size overrides), or pass "
+        "ignore_mismatched_sizes=True to re-initialise those tensors."
+    )
+
+
+def local_model_folder(pretrained_model_name_or_path: str, kwargs: dict) -> str | None:
+    """The local folder `from_pretrained` reads the files from, or None where they are not on this machine yet.
+
+    A local folder (with `subfolder`) is itself; for a Hub id it is the cached snapshot of the commit transformers will
+    load, when its config.json is in the cache. The Hub revision is resolved once (from the cache when offline) and
+    stored in `kwargs["revision"]`, as transformers does, so the check and the load read the same commit.
+    """
+    subfolder = kwargs.get("subfolder") or ""
+    if os.path.isdir(pretrained_model_name_or_path):
+        return os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+    if os.path.exists(pretrained_model_name_or_path) or kwargs.get("force_download"):
+        return None
+    revision = resolve_revision(
+        pretrained_model_name_or_path,
+        kwargs.get("revision"),
+        token=kwargs.get("token"),
+        local_files_only=bool(kwargs.get("local_files_only")),
+        cache_dir=kwargs.get("cache_dir"),
+    )
+    kwargs["revision"] = revision
+    commit = getattr(revision, "resolved", None)
+    if commit is None:
+        return None
+    filename = f"{subfolder}/config.json" if subfolder else "config.json"
+    try:
+        cached = try_to_load_from_cache(
+            pretrained_model_name_or_path, filename, cache_dir=kwargs.get("cache_dir"), revision=commit
+        )
+    except (HFValidationError, ValueError):
+        return None
+    return os.path.dirname(cached) if isinstance(cached, str) else None
+
+
+def checkpoint_shapes(
+    folder: str, variant: str | None = None, use_safetensors: bool | None = True
+) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape of the safetensors weights in `folder`, from the file headers only (no tensor data).
+
+    The file is the one transformers loads: `model.safetensors`, else the shards of `model.safetensors.index.json`
+    (with `variant` in the names). None when there is none (pickle weights, a shard not downloaded yet) or the index
+    cannot be read (transformers reports it). A damaged safetensors header raises the OSError of a corrupt file.
+    """
+    if use_safetensors is False:
+        return None
+    tag = f".{variant}" if variant else ""
+    single = os.path.join(folder, f"model{tag}.safetensors")
+    index = os.path.join(folder, f"model.safetensors.index{tag}.json")
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as handle:
+                files = [os.path.join(folder, shard) for shard in sorted(set(json.load(handle)["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            return None
+        if not all(os.path.isfile(file) for file in files):
+            return None
+    else:
+        return None
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                names = list(handle.keys())
+                for name in names:
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights in {file} cannot be read ({error}): the safetensors file is truncated or corrupt (an "
+                "interrupted save or download). Save the model again with save_pretrained, or download it again with "
+                "force_download=True."
+            ) from error
+    return shapes
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".gguf")
@@ -379,6 +581,8 @@ def check_token_ids(config: SonettConfig, input_ids: torch.Tensor) -> None:
 
 
 PACKING_BACKENDS = ("eager", "sdpa", "flex_attention")
+# Token ids and labels: the dtypes the embedding and cross_entropy take.
+ID_DTYPES = (torch.int64, torch.int32)
 
 
 def packed_documents(
@@ -401,14 +605,19 @@ def packed_documents(
     return PackedDocuments(torch.nn.functional.pad(restart.long().cumsum(-1), (1, 0)))
 
 
-def check_packing(config: SonettConfig, cache_requested: bool) -> None:
+def check_packing(config: SonettConfig, cache_requested: bool, from_mask: bool = False) -> None:
     """Raise a ValueError for packed rows the model cannot run exactly: with a cache, or under a kernel that would
-    ignore the block-diagonal mask."""
+    ignore the block-diagonal mask. `from_mask`: the documents come from a block-diagonal 4-D `attention_mask`."""
     if cache_requested:
+        source = (
+            "The 4-D attention_mask is block-diagonal (packed sequences: several documents in one row), which this "
+            "model's linear, memory or hierarchy layers follow by running the documents as packed rows. "
+            if from_mask
+            else "The position_ids restart inside a row (packed sequences: several documents in one row). "
+        )
         raise ValueError(
-            "The position_ids restart inside a row (packed sequences: several documents in one row). Packed rows "
-            "run without a cache, since a cache would carry one document's state into the next: pass "
-            "use_cache=False and no cache, or give each document its own row to continue it with a cache or "
+            source + "Packed rows run without a cache, since a cache would carry one document's state into the next: "
+            "pass use_cache=False and no cache, or give each document its own row to continue it with a cache or "
             "generate()."
         )
     if config._attn_implementation not in PACKING_BACKENDS:
@@ -419,32 +628,129 @@ def check_packing(config: SonettConfig, cache_requested: bool) -> None:
         )
 
 
-STATEFUL_KINDS = ("linear_attention", "memory_attention")
+# An additive float mask hides a key with -inf or a large negative value (transformers uses torch.finfo(dtype).min);
+# a value at or below float16's lowest counts as hidden, whatever the mask's dtype.
+HIDDEN_AT_MOST = torch.finfo(torch.float16).min
 
 
-def check_custom_mask(config: SonettConfig, attention_mask: torch.Tensor | None, past_length: int) -> None:
-    """Raise a ValueError for a 4-D `attention_mask` the model cannot honour.
+def mask_following_parts(config: SonettConfig) -> list[str]:
+    """The parts of a model that cannot follow an arbitrary 4-D mask (empty for softmax layers only)."""
+    parts = []
+    if "linear_attention" in config.layer_types:
+        parts.append("linear_attention layers (a running state, not a choice of keys)")
+    if "memory_attention" in config.layer_types:
+        parts.append("memory_attention layers (a compressive memory of every token that left the window)")
+    if config.hierarchy:
+        parts.append("hierarchy (it pools groups of tokens)")
+    return parts
 
-    Softmax layers use a 4-D mask as given; linear_attention and memory_attention layers keep a running state
-    (and the hierarchy pools groups of tokens), which an arbitrary token-to-token mask cannot describe.
+
+def block_diagonal_documents(attention_mask: torch.Tensor, past_length: int) -> PackedDocuments | None:
+    """The documents of a block-diagonal causal 4-D mask `(batch or 1, 1, seq, seq)`, or None for any other mask.
+
+    Block-diagonal causal: per row, the documents are contiguous spans and each token sees exactly the earlier tokens
+    of its own document, itself included (bool True / float 0), and no other (bool False / float -inf or at most
+    float16's lowest value); nothing is cached. Reads the mask back to the host.
+    """
+    if past_length or attention_mask.shape[1] != 1:
+        return None
+    mask = attention_mask[:, 0]
+    if mask.dtype == torch.bool:
+        visible = mask
+    else:
+        if bool(((mask != 0) & (mask > HIDDEN_AT_MOST)).any()):
+            return None  # a soft bias, neither visible nor hidden
+        visible = mask == 0
+    seq = visible.shape[-1]
+    # A document starts wherever a token does not see the token just before it.
+    starts = ~visible.diagonal(offset=-1, dim1=-2, dim2=-1)  # (batch, seq - 1)
+    ids = torch.nn.functional.pad(starts.long().cumsum(-1), (1, 0))
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=visible.device).tril()
+    expected = (ids[:, :, None] == ids[:, None, :]) & causal
+    return PackedDocuments(ids) if torch.equal(visible, expected) else None
+
+
+def prepare_custom_mask(
+    config: SonettConfig, attention_mask: torch.Tensor | None, past_length: int
+) -> tuple[torch.Tensor | None, PackedDocuments | None]:
+    """Check a 4-D `attention_mask` `(batch or 1, 1, seq, past + seq)`; return it ready for the layers, and the
+    documents it packs when the model's linear, memory or hierarchy layers need them (else None).
+
+    Values, as transformers reads them: bool (True = may attend), or an additive float mask (0 where a token may
+    attend, -inf or `torch.finfo(dtype).min` where not; other negative values are biases). Integer 0/1 masks are read
+    as bool. Positive or NaN float values and other integers are refused (a 0/1 float mask added to the scores would
+    hide nothing). Softmax layers use the mask as given. Linear and memory layers keep a running state and a
+    hierarchy pools groups of tokens, so a model with any of them takes only a block-diagonal causal mask
+    (`block_diagonal_documents`): its documents then run as packed rows, each exactly as alone; any other 4-D mask is
+    refused. Value checks read the mask back to the host; inside compiled code only the shapes are checked.
+    Other dims are left as they are (check_text_inputs checks the shape).
     """
     if attention_mask is None or attention_mask.dim() != 4:
-        return
-    parts = [f"{kind} layers" for kind in STATEFUL_KINDS if kind in config.layer_types]
-    if config.hierarchy:
-        parts.append("hierarchy (hourglass), which pools groups of tokens")
-    if parts:
-        raise ValueError(
-            f"A 4-D attention_mask cannot be used by this model's {' and '.join(parts)}: linear and memory layers "
-            "keep a running state instead of attending to chosen keys, so an arbitrary 4-D mask means nothing to "
-            "them. This model needs a 2-D attention_mask (batch, seq) for padding, the one the tokenizer returns; "
-            "to keep packed documents apart, pass position_ids that restart at 0 at each document (and no mask)."
-        )
+        return attention_mask, None
     if attention_mask.shape[-1] != past_length + attention_mask.shape[-2]:
         raise ValueError(
             f"The 4-D `attention_mask` has {attention_mask.shape[-1]} key columns but there are "
             f"{past_length + attention_mask.shape[-2]} keys (cached tokens {past_length} + new tokens "
             f"{attention_mask.shape[-2]}); pass a mask of shape (batch, 1, new tokens, cached + new tokens)."
+        )
+    compiling = torch.compiler.is_compiling()
+    how = (
+        "pass a bool mask (True where a token may attend) or an additive float mask (0 where it may attend, -inf or "
+        "torch.finfo(dtype).min where not)"
+    )
+    if attention_mask.dtype.is_complex:
+        raise ValueError(f"The 4-D `attention_mask` has dtype {attention_mask.dtype}; {how}.")
+    if not attention_mask.is_floating_point() and attention_mask.dtype != torch.bool:
+        if not compiling and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError(
+                f"The 4-D integer `attention_mask` holds values other than 0 and 1 (e.g. "
+                f"{int(attention_mask[(attention_mask != 0) & (attention_mask != 1)][0])}); {how}."
+            )
+        attention_mask = attention_mask.bool()
+    elif attention_mask.is_floating_point() and not compiling:
+        if bool(attention_mask.isnan().any()):
+            raise ValueError(f"The 4-D `attention_mask` holds NaN; {how}.")
+        if bool((attention_mask > 0).any()):
+            raise ValueError(
+                "The 4-D float `attention_mask` holds positive values, but a float mask is added to the attention "
+                "scores (a 0/1 mask would hide nothing); pass a 0/1 mask as bool (`mask.bool()`), or an additive mask "
+                "(0 where a token may attend, -inf or torch.finfo(dtype).min where not)."
+            )
+    parts = mask_following_parts(config)
+    if not parts:
+        return attention_mask, None
+    documents = None if compiling else block_diagonal_documents(attention_mask, past_length)
+    if documents is None:
+        reason = (
+            f" (it covers {past_length} cached tokens, which these layers have already consumed)"
+            if past_length
+            else " (it cannot be checked inside compiled code)"
+            if compiling
+            else ""
+        )
+        raise ValueError(
+            f"This model's {' and '.join(parts)} cannot follow an arbitrary 4-D attention_mask. They honour only a "
+            "block-diagonal causal mask over the new tokens with nothing cached (per row, the documents are "
+            "contiguous spans and each token sees exactly the earlier tokens of its own document, itself included), "
+            f"and this mask is not one{reason}. To keep packed documents apart, pass position_ids that restart at 0 "
+            "at each document and no mask (as DataCollatorWithFlattening does), or give one row per document with "
+            "the 2-D padding mask the tokenizer returns; for other patterns (prefix-LM, windows, soft biases) use a "
+            "config whose layers are only full_attention (or sliding_attention) and no hierarchy."
+        )
+    return attention_mask, documents
+
+
+def check_label_values(name: str, labels: torch.Tensor, num_classes: int, ignore_index: int, what: str) -> None:
+    """Raise a ValueError naming the first value of `labels` outside `[0, num_classes)` that is not `ignore_index`
+    (reads the labels back to the host; skipped inside compiled code)."""
+    if torch.compiler.is_compiling():
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(
+            f"`{name}` holds {int(labels[bad][0])}, outside {what} {num_classes}: valid targets are 0 to "
+            f"{num_classes - 1}, and {ignore_index} marks a position the loss ignores. Make the labels with the "
+            f"tokenizer (or label list) this model was made with, and mark padding with {ignore_index}."
         )
 
 
@@ -472,8 +778,12 @@ def check_text_inputs(
                 f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}; "
                 "add a batch dimension with `input_ids[None]`."
             )
-        if input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
-            raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+        if input_ids.dtype not in ID_DTYPES:
+            raise ValueError(
+                f"`input_ids` must hold integer token ids as torch.int64 (or torch.int32), got dtype "
+                f"{input_ids.dtype}; convert them with `.long()` (ids kept in a narrower dtype such as uint8 may "
+                "already have wrapped around)."
+            )
         shape = tuple(input_ids.shape)
     else:
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
@@ -504,13 +814,23 @@ def check_text_inputs(
                 f"(batch, cached tokens {past_length} + new tokens {shape[1]}); pass the mask the tokenizer returned "
                 "for these input_ids, extended by the new tokens when decoding with a cache."
             )
+        if attention_mask.dtype != torch.bool and not torch.compiler.is_compiling():
+            other = (attention_mask != 0) & (attention_mask != 1)
+            if bool(other.any()):
+                raise ValueError(
+                    f"The 2-D `attention_mask` must hold 1 for real tokens and 0 for padding (or be bool), but it "
+                    f"holds {attention_mask[other][0].item()}: every nonzero value would count as a real token (an "
+                    "additive 0 / -inf mask would be read the other way round). Pass the mask the tokenizer returned."
+                )
     elif attention_mask is not None and attention_mask.dim() != 4:
         raise ValueError(
             f"`attention_mask` must be 2-D (batch, seq_len) or a prepared 4-D mask, "
             f"got shape {tuple(attention_mask.shape)}; pass the 2-D mask the tokenizer returned."
         )
     elif attention_mask is not None and (
-        attention_mask.shape[0] not in (1, shape[0]) or attention_mask.shape[-2] != shape[1]
+        attention_mask.shape[0] not in (1, shape[0])
+        or attention_mask.shape[1] != 1
+        or attention_mask.shape[-2] != shape[1]
     ):
         raise ValueError(
             f"The 4-D `attention_mask` has shape {tuple(attention_mask.shape)}; it must be "
@@ -632,8 +952,12 @@ class SonettModel(SonettPreTrainedModel):
             input_ids: `(batch, seq)` token ids, or None when `inputs_embeds` is given.
             attention_mask: `(batch, past + seq)`, 1 for real tokens and 0 for padding (left padding for
                 generation). A custom 4-D mask `(batch or 1, 1, seq, past + seq)`, bool or additive float, is used
-                as given by full and sliding layers (eager or sdpa; sliding layers keep their window); models with
-                linear, memory or hierarchy layers refuse it.
+                as given by full and sliding layers (eager or sdpa; sliding layers keep their window); 0/1 integers
+                read as bool. Models with linear, memory or hierarchy layers take only a block-diagonal causal mask
+                (its documents then run as packed rows, below; positions default to each token's index in its
+                document) and refuse any other (see `prepare_custom_mask`). A 2-D mask holds only 0 and 1; a 0 in
+                the middle hides that token from every other one, though windows (sliding, conv, hierarchy groups)
+                still count its slot.
             position_ids: `(batch, seq)`; derived from `attention_mask` (or the cache length) when None, so
                 left-padded rows get the same positions as when run alone. Positions that restart inside a row
                 (with no padding and nothing cached) mark packed documents, as `DataCollatorWithFlattening` makes
@@ -713,11 +1037,17 @@ class SonettModel(SonettPreTrainedModel):
         )
         if cache is not None and hasattr(cache, "check_room") and not compiling:
             cache.check_room((input_ids if input_ids is not None else inputs_embeds).shape[1])
-        check_custom_mask(self.config, attention_mask, past_length)
+        attention_mask, mask_documents = prepare_custom_mask(self.config, attention_mask, past_length)
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         documents = packed_documents(position_ids, attention_mask, past_length, batch_size)
+        if mask_documents is not None:
+            # A block-diagonal 4-D mask: its documents run as packed rows, each from position 0 unless positions
+            # are given (softmax layers still read the mask itself).
+            documents = PackedDocuments(mask_documents.ids.expand(batch_size, -1))
+            if position_ids is None:
+                position_ids = documents.offsets()
         if documents is not None:
-            check_packing(self.config, cache_requested)
+            check_packing(self.config, cache_requested, from_mask=mask_documents is not None)
             use_cache = False
 
         if inputs_embeds is None:
@@ -1210,20 +1540,28 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
 
         loss = None
         shift_labels = loss_kwargs.get("shift_labels")
-        if shift_labels is not None:
-            loss_kwargs = {**loss_kwargs, "shift_labels": shift_labels.contiguous()}  # the loss flattens it with view
         if labels is not None or shift_labels is not None:
+            ignore = loss_kwargs.get("ignore_index", -100)
             for name, given in (("labels", labels), ("shift_labels", shift_labels)):
                 if given is None:
                     continue
-                if given.dtype.is_floating_point or given.dtype == torch.bool:
-                    raise ValueError(f"`{name}` must hold integer token ids (or -100), got dtype {given.dtype}.")
+                if given.dtype not in ID_DTYPES:
+                    raise ValueError(
+                        f"`{name}` must hold integer token ids (or {ignore}) as torch.int64 (or torch.int32), got "
+                        f"dtype {given.dtype}; convert them with `.long()`."
+                    )
                 if given.shape != logits.shape[:2]:
                     raise ValueError(
                         f"`{name}` has shape {tuple(given.shape)} but the logits cover {tuple(logits.shape[:2])}; "
                         "labels are aligned with input_ids (not pre-shifted), shift_labels with the logits (shifted "
                         "by one, -100 at the end), and both need logits_to_keep=0."
                     )
+                check_label_values(name, given, self.vocab_size, ignore, "vocab_size")
+            # cross_entropy takes int64 targets; the loss flattens shift_labels with view (so contiguous).
+            labels = labels.long() if labels is not None else None
+            if shift_labels is not None:
+                shift_labels = shift_labels.long().contiguous()
+                loss_kwargs = {**loss_kwargs, "shift_labels": shift_labels}
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **loss_kwargs)
             penalty = self.model.span_penalty() if self.training else None
             if penalty is not None:
@@ -1396,6 +1734,29 @@ class SonettForConditionalGeneration(SonettForCausalLM):
         return model_kwargs
 
 
+def sequence_classification_loss(
+    labels: torch.Tensor, pooled_logits: torch.Tensor, config: SonettConfig, **kwargs
+) -> torch.Tensor:
+    """transformers' `ForSequenceClassificationLoss`, after refusing single-label classes outside
+    `[0, num_labels)` (-100 is ignored); regression and multi-label targets are floats and go through unchecked."""
+    classes = config.num_labels > 1 and config.problem_type in (None, "single_label_classification")
+    if classes and labels.dtype in ID_DTYPES:
+        check_label_values("labels", labels, config.num_labels, -100, "num_labels")
+        labels = labels.long()
+    return ForSequenceClassificationLoss(labels, pooled_logits, config, **kwargs)
+
+
+def token_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: SonettConfig, **kwargs):
+    """transformers' `ForTokenClassification` loss, after refusing classes outside `[0, num_labels)` (-100 is
+    ignored) and labels of other dtypes than int64/int32."""
+    if labels.dtype not in ID_DTYPES:
+        raise ValueError(
+            f"`labels` must hold class ids (or -100) as torch.int64 (or torch.int32), got dtype {labels.dtype}."
+        )
+    check_label_values("labels", labels, config.num_labels, -100, "num_labels")
+    return ForTokenClassification(logits, labels.long(), config, **kwargs)
+
+
 class SonettForSequenceClassification(GenericForSequenceClassification, SonettPreTrainedModel):
     """Sonett with a linear `score` head read at the last real token of each row (transformers' generic head).
 
@@ -1416,6 +1777,7 @@ class SonettForSequenceClassification(GenericForSequenceClassification, SonettPr
         self.num_labels = config.num_labels
         self.model = SonettModel(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.loss_function = sequence_classification_loss
         self.post_init()
 
 
@@ -1436,6 +1798,7 @@ class SonettForTokenClassification(GenericForTokenClassification, SonettPreTrain
         self.score = nn.Linear(
             config.hidden_size, config.num_labels, bias=getattr(config, "token_classification_bias", True)
         )
+        self.loss_function = token_classification_loss
         self.post_init()
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .hub import count_parameters, save_model_and_tokenizer
+from .hub_upload import relative_local_paths
 from .image_processing_sonett import SonettImageProcessor
 from .loading import load_tokenizer
 from .model_card import render_model_card
@@ -429,7 +430,8 @@ def train_vision(args: VisionArguments) -> dict:
     output = Path(args.output_dir)
     if accelerator.is_main_process:
         save_model_and_tokenizer(unwrapped, processor, output)
-        (output / "vision_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        written = relative_local_paths(results, output)  # no absolute local path in the uploaded folder
+        (output / "vision_results.json").write_text(json.dumps(written, indent=2) + "\n")
         card_facts = {
             **{k: v for k, v in results.items() if k not in ("arguments", "gates", "encoder_stage")},
             "training_data": VISION_TRAINING_DATA,
