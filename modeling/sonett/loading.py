@@ -37,15 +37,15 @@ from typing import Any
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import TRANSFORMERS_DYNAMIC_MODULE_NAME
 
+from .hub_upload import CODE_CONFIG_FILES, package_code_files
+
 logger = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-# The model's code files, which `save_pretrained` copies into every model folder: this folder's `*_sonett.py`
-# (DESIGN section 4: the shipped list is the folder's contents, never a hand-kept list).
-SHIPPED_CODE_FILES = frozenset(p.name for p in PACKAGE_DIR.glob("*_sonett.py"))
+# The model's code files, which `save_pretrained` copies into every model folder: name -> the installed copy (the
+# package's `*_sonett.py`; DESIGN section 4: the shipped list is the folder's contents, never a hand-kept list).
+SHIPPED_CODE = package_code_files()
+SHIPPED_CODE_FILES = frozenset(SHIPPED_CODE)
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-# Files whose `auto_map` (at any depth) names classes that `trust_remote_code=True` would import.
-CODE_CONFIG_FILES = ("config.json", TOKENIZER_CONFIG_FILE, "processor_config.json", "preprocessor_config.json")
 TOKENIZER_FIX = (
     "A tokenizer is data: the Sonett tooling never runs a tokenizer's code. Delete the Python files and the "
     "auto_map entry (a tokenizer Sonett saved has neither), or use another tokenizer folder (for a checkpoint's, "
@@ -152,7 +152,7 @@ def check_model_folder(folder: str | Path) -> None:
     for path in _python_files(folder):
         if path.name not in SHIPPED_CODE_FILES:
             problems.append(f"{path.name} is not one of the sonett package's code files")
-        elif path.read_bytes() != (PACKAGE_DIR / path.name).read_bytes():
+        elif path.read_bytes() != SHIPPED_CODE[path.name].read_bytes():
             changed.append(path.name)
     for name in CODE_CONFIG_FILES:
         if (folder / name).is_file():
