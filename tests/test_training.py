@@ -153,7 +153,7 @@ def test_train_script_runs_and_prints_a_sample(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "validation perplexity:" in result.stdout
     assert f"checkpoints:           step_2, step_4 in {output_dir / 'checkpoints'}" in result.stdout
-    sample = result.stdout.split("trust_remote_code=True)):\n", 1)[1]
+    sample = result.stdout.split("sample (reloaded with AutoModelForCausalLM.from_pretrained):\n", 1)[1]
     assert sample.startswith("def read_config(path):")
     results = json.loads((output_dir / "training_results.json").read_text())
     assert results["precision"] == "bf16" and results["arguments"]["activation_checkpointing"] is True
