@@ -3,8 +3,9 @@
 A planted `tokenization_x.py` with an `auto_map` in `tokenizer_config.json` (or a `config.json` whose `auto_map`
 names a planted module) writes a marker file when imported. Every loader of the tooling refuses such a folder with
 `UntrustedCodeError` naming the file, and the marker is never written: resuming from a checkpoint, `--tokenizer`,
-evaluation, fine-tuning, chat, vision training, the passkey comparison, serving, the harness and the scripts. A
-saved model folder holds the package's shipped code files only.
+evaluation, fine-tuning, chat (local folders and Hub ids), vision training, the passkey comparison, serving, the
+harness and the scripts. A saved model folder holds the package's shipped code files only; a shipped file whose
+text differs from the package's is never run, only named in a warning.
 """
 
 import argparse
@@ -12,13 +13,16 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import runpy
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from helpers_chat import bigram_chat_model, chat_tokenizer, save_chat_folder
+from hub_server import HubServer, Repo
 from test_training import write_micro_run_files
 from transformers import AutoTokenizer
 
@@ -226,6 +230,42 @@ def test_every_loader_refuses_a_model_folder_with_planted_code(chat_folder, tmp_
         LOADERS[loader](folder)
     assert str(folder) in str(error.value)
     assert not marker.exists()
+
+
+# Runs scripts/chat.py on each Hub repository id of argv[1:]; prints the exception each load ends with.
+HUB_CHAT_DRIVER = """
+import io, runpy, sys
+script, repos = sys.argv[1], sys.argv[2:]
+for repo in repos:
+    sys.argv, sys.stdin = [script, repo], io.StringIO("/quit\\n")
+    try:
+        runpy.run_path(script, run_name="__main__")
+        print("### loaded", repo)
+    except Exception as error:
+        print("###", repo, type(error).__name__, str(error).replace("\\n", " "))
+"""
+
+
+def test_chat_refuses_hub_repositories_that_name_planted_code(chat_folder, tmp_path):
+    """A Hub id is checked after loading (config and tokenizer auto_map); the planted modules never run."""
+    markers = {plant: tmp_path / f"{plant}-code-ran" for plant in PLANTS}
+    with HubServer() as hub:
+        for plant, plant_code in PLANTS.items():
+            folder = copy(chat_folder, tmp_path / plant)
+            plant_code(folder, markers[plant])
+            repo = hub.state.repos.setdefault(f"tester/{plant}", Repo(f"tester/{plant}", private=False))
+            files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+            hub.state.commit(repo, "main", files, "planted")
+        driver = tmp_path / "driver.py"
+        driver.write_text(HUB_CHAT_DRIVER)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT / "modeling"))
+        command = [sys.executable, str(driver), str(ROOT / "scripts" / "chat.py"), "tester/tokenizer", "tester/model"]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert "### tester/tokenizer UntrustedCodeError" in output and "tokenization_x.XTokenizer" in output, output
+    assert "### tester/model UntrustedCodeError" in output and "needs its own Python code" in output, output
+    assert not any(marker.exists() for marker in markers.values())
 
 
 def test_the_finetune_samples_refuse_an_adapter_folder_with_planted_tokenizer_code(tokenizer_folder, tmp_path):
