@@ -158,6 +158,10 @@ MALFORMED = {
         {"edit_tensors": edit_tensor("layers.0.recurrent_state", torch.Tensor.bfloat16)},
         r"layers\.0\.recurrent_state has dtype torch\.bfloat16",
     ),
+    "integer state": (
+        {"edit_tensors": edit_tensor("layers.0.conv_state", torch.Tensor.long)},
+        r"layers\.0\.conv_state has dtype torch\.int64; this model's state needs a float dtype",
+    ),
     "short window": ({"edit_tensors": edit_tensor("layers.1.keys", lambda t: t[:, :, 1:])}, "shape"),
     "wrong memory shape": ({"edit_tensors": edit_tensor("layers.2.memory", lambda t: t[..., :-1])}, "shape"),
     "another batch size": (

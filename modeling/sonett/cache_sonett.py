@@ -910,6 +910,8 @@ def _check_tensors(
         if want is None:
             if dtype is None and tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
                 dtype = tensor.dtype
+            if dtype is None:
+                raise _BadFileError(f"tensor {name} has dtype {tensor.dtype}; this model's state needs a float dtype")
             want = dtype
         if tensor.dtype != want:
             raise _BadFileError(f"tensor {name} has dtype {tensor.dtype}; this model's state needs {want}")
