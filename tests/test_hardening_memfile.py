@@ -556,3 +556,16 @@ def test_generate_continues_a_cache_that_holds_part_of_the_prompt_exactly():
         with torch.no_grad():
             cache = model(ids[:, :6], use_cache=True).cache
         assert torch.equal(greedy(model, ids, cache=cache, attention_mask=mask), reference)
+
+
+def test_generate_from_inputs_embeds_with_a_cache_continues_or_refuses_the_same_way():
+    model = kind_model()
+    ids = random_ids(1, 10)
+    embeds = model.get_input_embeddings()(ids).detach()
+    reference = model.generate(inputs_embeds=embeds, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        part, whole = (model(ids[:, :n], use_cache=True).cache for n in (6, 10))
+    continued = model.generate(inputs_embeds=embeds, cache=part, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(continued, reference)
+    with pytest.raises(ValueError, match="already holds 10 tokens and a prompt of 10 tokens"):
+        model.generate(inputs_embeds=embeds, cache=whole, max_new_tokens=6, do_sample=False, pad_token_id=0)
