@@ -113,7 +113,10 @@ def _check_json_top_level(path: Path) -> None:
     if first in ("{", "["):
         return
     kind = "number" if first.isdigit() else _JSON_KINDS.get(first)
-    what = f"a JSON {kind}" if kind else f"no JSON object or array (it starts with {first!r})"
+    if not first:
+        what = "only whitespace"
+    else:
+        what = f"a JSON {kind}" if kind else f"no JSON object or array (it starts with {first!r})"
     raise ValueError(
         f"{path} holds {what} at the top level, not objects; write one JSON object per line (JSON Lines, e.g. "
         '{"text": "..."}) or an array of such objects, or use a .txt file for plain text.'
