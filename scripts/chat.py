@@ -5,7 +5,10 @@
 
 Each turn feeds only its own tokens to the model on top of the saved decoding state (`SonettCache`), and
 the state is written back after every reply, so a later run continues where this one stopped without
-re-reading earlier turns. Type /reset to start over, /quit (or end the input) to leave.
+re-reading earlier turns. Type /reset to start over (it also deletes the memory file), /quit (or end the input) to
+leave. A memory file is checked before use (checksum, config, weights, every tensor) and only continues with the
+weights that made it, unless --memory_from_other_model. With full_attention layers a conversation can fill the
+model's positions; the chat then says so and waits for /reset.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sonett.conversation import Conversation
+from sonett.conversation import Conversation, ConversationFullError, check_sampling
 from sonett.loading import load_model, load_tokenizer
 
 
@@ -29,13 +32,29 @@ def main() -> None:
     parser.add_argument("--top_p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--revision", default=None, help="pin a Hub commit")
+    parser.add_argument(
+        "--memory_from_other_model",
+        action="store_true",
+        help="continue a memory file made with other weights (by default it is refused)",
+    )
     args = parser.parse_args()
+    try:
+        check_sampling(args.temperature, args.top_p)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.max_new_tokens < 1:
+        parser.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
 
     # The sonett package's own classes load the folder: none of its code runs (sonett.loading).
     tokenizer = load_tokenizer(args.model, revision=args.revision)
     model = load_model(args.model, revision=args.revision)
     if args.memory is not None and args.memory.is_file():
-        conversation = Conversation.load(args.memory, model, tokenizer)
+        try:
+            conversation = Conversation.load(
+                args.memory, model, tokenizer, allow_other_weights=args.memory_from_other_model
+            )
+        except ValueError as error:  # the file cannot be used; the message says why and what to do
+            sys.exit(f"[memory] {error}")
         print(f"[memory] continuing from {args.memory}: {conversation.tokens_in_state} tokens in the state")
     else:
         conversation = Conversation(model, tokenizer)
@@ -51,12 +70,19 @@ def main() -> None:
         message = line.rstrip("\n")
         if message.strip() == "/reset":
             conversation = Conversation(model, tokenizer)
-            print("[memory] cleared")
+            if args.memory is not None:
+                args.memory.unlink(missing_ok=True)
+            print("[memory] cleared" + (f" (deleted {args.memory})" if args.memory is not None else ""))
             continue
         if not message.strip():
             continue
+        try:
+            pieces = conversation.reply(message, args.max_new_tokens, args.temperature, args.top_p, generator)
+        except ConversationFullError as error:  # checked before the turn is fed: the state is unchanged
+            print(f"[memory] {error}", flush=True)
+            continue
         print("sonett> ", end="", flush=True)
-        for piece in conversation.reply(message, args.max_new_tokens, args.temperature, args.top_p, generator):
+        for piece in pieces:
             print(piece, end="", flush=True)
         print()
         if args.memory is not None:

@@ -7,6 +7,7 @@ Every field of `sonett.training.PretrainArguments` is a flag (`--help` lists the
     python scripts/train.py --config sonett-small --data_files corpus.jsonl --max_steps 20000
     python scripts/train.py --data_files big/*.jsonl --streaming --checkpointing_steps 1000 --checkpoints_total_limit 3
     python scripts/train.py ... --resume_from_checkpoint latest          # continues the same data order
+    python scripts/train.py ... --resume_from_checkpoint latest --allow_changed_inputs  # preset/data edited since
     python scripts/train.py ... --nan_policy stop                        # raise at a NaN/inf step (default: skip it)
     accelerate launch --config_file configuration/accelerate/multi_gpu.yaml scripts/train.py --config sonett-small
     accelerate launch --config_file configuration/accelerate/cpu_two_processes.yaml scripts/train.py --cpu

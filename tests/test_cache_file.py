@@ -135,7 +135,8 @@ def chat_folder(tmp_path_factory):
 
 
 def run_chat(folder, memory, lines, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # This checkout's package, also where another one is installed (a git worktree beside the main checkout).
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(ROOT / "modeling")}
     result = subprocess.run(
         [
             sys.executable,

@@ -14,12 +14,18 @@ With a `hierarchy`, the layers of the shortened span keep their state in `Sonett
 there), because each row of a batch completes its groups of k tokens at its own steps.
 
 The whole cache saves to and loads from one safetensors file (`save` / `load`), so a conversation can
-continue in another process without re-reading earlier turns.
+continue in another process without re-reading earlier turns. A memory file is data from outside: `load` checks its
+sha256 checksum (over every tensor and the metadata), the config it was made for, the weights it was made with, and
+every tensor's name, shape, dtype and values before any of it is used (see `SonettCache.load`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,9 +34,18 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Dynam
 from transformers.utils import is_torchdynamo_compiling
 
 from .configuration_sonett import SonettConfig
+from .linear_attention_sonett import linear_feature_size
 
 CACHE_FILE_FORMAT = "sonett-cache"
-CACHE_FILE_VERSION = "1"
+# Version 2 added the checksum and the weights hash; version-1 files cannot be checked and are refused.
+CACHE_FILE_VERSION = "2"
+# The metadata of a version-2 memory file: exactly these keys (plus "hourglass_scalars" with a hierarchy).
+CACHE_FILE_KEYS = ("format", "version", "fingerprint", "layer_windows", "scalars", "weights", "checksum")
+# What a memory file that cannot be trusted tells the user to do.
+START_AGAIN = (
+    "delete it and start a new conversation (scripts/chat.py: /reset; in Python a fresh `Conversation` or "
+    "`model.make_cache()`), which builds the state again from the next turn."
+)
 # Config fields that shape the decoding state; a cache file only fits a config that agrees on all of them.
 STATE_FIELDS = (
     "layer_types",
@@ -645,6 +660,265 @@ def state_fingerprint(config: SonettConfig) -> dict:
     return {name: getattr(config, name, None) for name in STATE_FIELDS}
 
 
+class MemoryFileError(ValueError):
+    """A memory file that cannot be used: truncated, damaged or edited (checksum), malformed, from an older Sonett,
+    or made by a model with another config or other weights. The message names the file, the problem and the fix."""
+
+
+class _BadFileError(ValueError):
+    """A problem with a memory file's metadata or tensors; `SonettCache.load` turns it into a `MemoryFileError`."""
+
+
+def _hash_tensor(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
+    """Feed `name`, dtype, shape and the raw bytes of `tensor` into `digest` (the bytes' length follows from them)."""
+    flat = tensor.detach().reshape(-1).contiguous().cpu()
+    digest.update(json.dumps([name, str(flat.dtype), list(tensor.shape)]).encode() + b"\n")
+    digest.update(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def state_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 (hex) over a memory file's metadata (every key but "checksum") and every tensor's name, dtype, shape
+    and bytes, in name order: what `SonettCache.save` writes as the "checksum" and `load` verifies."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: v for k, v in metadata.items() if k != "checksum"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        _hash_tensor(digest, name, tensors[name])
+    return digest.hexdigest()
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 (hex) over the model's `state_dict()`: every entry's name, dtype, shape and bytes, in name order.
+
+    It identifies the weights a memory file was made with (the same weights in another dtype hash differently). The
+    value is cached on the model, keyed by each tensor's storage address and version counter, so it is computed once
+    per model and again after in-place updates (optimizer steps, `load_state_dict`); a write through `.data` does not
+    bump the version counter and is not seen.
+    """
+    state = model.state_dict()
+    names = sorted(state)
+    key = tuple((n, state[n].data_ptr(), state[n]._version, state[n].dtype, tuple(state[n].shape)) for n in names)
+    cached = getattr(model, "_sonett_weights_sha256", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    digest = hashlib.sha256()
+    for name in names:
+        _hash_tensor(digest, name, state[name])
+    value = digest.hexdigest()
+    model._sonett_weights_sha256 = (key, value)
+    return value
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data (or a folder's entries) to the disk."""
+    flags = os.O_RDONLY
+    if path.is_dir():
+        if not hasattr(os, "O_DIRECTORY"):
+            return  # Windows cannot open a folder; its renames are not made durable this way
+        flags |= os.O_DIRECTORY
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _json_field(metadata: dict[str, str], key: str, kind: type) -> object:
+    """Metadata entry `key` parsed as JSON; it must be a `kind` (dict or list)."""
+    if key not in metadata:
+        raise _BadFileError(f"its metadata has no {key!r}")
+    try:
+        value = json.loads(metadata[key])
+    except (TypeError, ValueError) as error:
+        raise _BadFileError(f"metadata {key!r} is not valid JSON ({error})") from None
+    if not isinstance(value, kind):
+        raise _BadFileError(f"metadata {key!r} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _count(value: object, what: str) -> int:
+    """A token count from the metadata: an int >= 0 (not a bool, not a float)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _BadFileError(f"{what} is {value!r}; token counts are whole numbers >= 0")
+    return value
+
+
+def _parse_windows(metadata: dict[str, str], config: SonettConfig, kinds: list[str]) -> dict[int, int | None]:
+    """The per-layer windows: one entry per layer, an int in [1, sliding_window] for windowed layers."""
+    raw = _json_field(metadata, "layer_windows", dict)
+    if set(raw) != {str(i) for i in range(len(kinds))}:
+        raise _BadFileError(
+            f"layer_windows names layers {sorted(raw)}, not the {len(kinds)} layers 0..{len(kinds) - 1}"
+        )
+    windows = {}
+    for i, kind in enumerate(kinds):
+        window = raw[str(i)]
+        windowed = kind in ("sliding_attention", "memory_attention")
+        valid = window is None or (isinstance(window, int) and not isinstance(window, bool) and window >= 1)
+        if not valid or (windowed and (window is None or window > config.sliding_window)):
+            raise _BadFileError(
+                f"layer {i} ({kind}) has window {window!r}; expected "
+                + (f"an int from 1 to sliding_window {config.sliding_window}" if windowed else "None or an int >= 1")
+            )
+        windows[i] = window
+    return windows
+
+
+def _parse_scalars(value: object, layers: int, what: str) -> list[dict[str, object]]:
+    if not isinstance(value, list) or len(value) != layers or not all(isinstance(s, dict) for s in value):
+        raise _BadFileError(f"{what} must be a list of {layers} objects (one per layer), got {value!r}")
+    return value
+
+
+def _layer_spec(
+    kind: str, config: SonettConfig, window: int | None, batch: int, seen: int
+) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype | None]], dict[str, int]]:
+    """The state of one cache layer of `kind` that has seen `seen` tokens, at batch size `batch`:
+    ({tensor name: (shape, dtype)}, {scalar name: value}); dtype None is the model's compute dtype."""
+    kv, dim = config.num_key_value_heads, config.head_dim
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
+    if kind == "full_attention":
+        if seen:
+            tensors = {"keys": ((batch, kv, seen, dim), None), "values": ((batch, kv, seen, dim), None)}
+        return tensors, {}
+    if kind in ("sliding_attention", "memory_attention"):
+        stored = len(range(seen)[-window + 1 :])  # what the layer keeps: the last window - 1 tokens
+        if seen:
+            tensors = {"keys": ((batch, kv, stored, dim), None), "values": ((batch, kv, stored, dim), None)}
+            if kind == "memory_attention":
+                tensors["memory_keys"] = ((batch, kv, stored, dim), None)
+                tensors["memory"] = ((batch, kv, dim, dim), torch.float32)
+                tensors["normalizer"] = ((batch, kv, dim), torch.float32)
+        return tensors, {"cumulative_length": seen}
+    if kind == "linear_attention":
+        heads, features = config.num_attention_heads, config.linear_feature_dim
+        if seen:
+            d_phi = linear_feature_size(config.linear_feature_map, features)
+            tensors = {"recurrent_state": ((batch, heads, d_phi, dim), torch.float32)}
+            if config.linear_conv_size > 1:
+                channels = 2 * heads * features + heads * dim
+                tensors["conv_state"] = ((batch, channels, config.linear_conv_size - 1), None)
+        return tensors, {"seq_length": seen}
+    raise _BadFileError(f"layer kind {kind!r} has no known state")
+
+
+def _stream_spec(
+    prefix: str,
+    config: SonettConfig,
+    windows: dict[int, int | None],
+    scalars: list[dict[str, object]],
+    tensors: dict[str, torch.Tensor],
+    batch: int,
+    layers: range | list[int],
+    seen: int | None = None,
+) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """Expected tensors of one stream of layers (`prefix` + `layers.{i}.`): the layers in `layers` have seen
+    `seen` tokens (read from their counters when None; they must agree), the others none. Checks the counters."""
+    kinds = list(config.layer_types)
+    if seen is None:  # the layers' counters; full_attention layers have none, so their keys' length without them
+        counts = {}
+        for i in layers:
+            if kinds[i] != "full_attention":
+                name = "seq_length" if kinds[i] == "linear_attention" else "cumulative_length"
+                counts[i] = _count(scalars[i].get(name), f"{name} of layer {i}")
+        for i in [] if counts else layers:
+            if (keys := tensors.get(f"{prefix}layers.{i}.keys")) is not None and keys.dim() == 4:
+                counts[i] = keys.shape[-2]
+        if len(set(counts.values())) > 1:
+            raise _BadFileError(f"its layers disagree on how many tokens they have seen ({counts}, by layer)")
+        seen = next(iter(counts.values()), 0)
+    spec = {}
+    for i, kind in enumerate(kinds):
+        own, expected = _layer_spec(kind, config, windows[i], batch, seen if i in layers else 0)
+        given = scalars[i]
+        if set(given) != set(expected):
+            raise _BadFileError(f"{prefix}layer {i} ({kind}) has counters {sorted(given)}; expected {sorted(expected)}")
+        for name, value in given.items():
+            if _count(value, f"{prefix}{name} of layer {i}") != expected[name]:
+                raise _BadFileError(f"{prefix}{name} of layer {i} is {value}, but its stream has seen {seen} tokens")
+        spec.update({f"{prefix}layers.{i}.{name}": shape_dtype for name, shape_dtype in own.items()})
+    return spec
+
+
+def _state_spec(
+    config: SonettConfig,
+    windows: dict[int, int | None],
+    scalars: list[dict[str, object]],
+    cohorts: list[dict[str, object]] | None,
+    tensors: dict[str, torch.Tensor],
+) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """Every tensor a memory file with these counters must hold, with its shape and dtype."""
+    layers = len(config.layer_types)
+    firsts = [t for n, t in sorted(tensors.items()) if not n.startswith("hourglass.cohorts.") and t.dim() > 0]
+    batch = firsts[0].shape[0] if firsts else 0
+    span = config.hierarchy_span()
+    outside = [i for i in range(layers) if i not in span]
+    spec = _stream_spec("", config, windows, scalars, tensors, batch, outside)
+    if config.hierarchy:
+        k, hidden = int(config.hierarchy["shorten_factor"]), config.hidden_size
+        if cohorts or "hourglass.buffer" in tensors:
+            spec["hourglass.buffer"] = ((batch, k - 1, hidden), None)
+            spec["hourglass.last_coarse"] = ((batch, k, hidden), None)
+        taken: set[int] = set()
+        for c, cohort in enumerate(cohorts or []):
+            prefix = f"hourglass.cohorts.{c}."
+            if not isinstance(cohort, dict) or set(cohort) != {"length", "layers"}:
+                raise _BadFileError(f"hourglass cohort {c} is {cohort!r}; expected {{'length': n, 'layers': [...]}}")
+            length = _count(cohort["length"], f"length of hourglass cohort {c}")
+            rows, padding = tensors.get(prefix + "rows"), tensors.get(prefix + "padding")
+            if rows is None or padding is None or rows.dim() != 1 or rows.dtype != torch.int64:
+                raise _BadFileError(f"hourglass cohort {c} has no 1-D int64 rows and padding tensors")
+            members = rows.tolist()
+            if any(not 0 <= r < batch or r in taken for r in members) or len(set(members)) != len(members):
+                raise _BadFileError(f"hourglass cohort {c} has rows {members}: not distinct rows of a batch of {batch}")
+            taken.update(members)
+            well_formed = padding.shape == rows.shape and padding.dtype == torch.int64
+            if well_formed and bool(((padding < 0) | (padding > length)).any()):
+                raise _BadFileError(f"hourglass cohort {c} has padding outside [0, {length}]")
+            spec[prefix + "rows"] = ((len(members),), torch.int64)
+            spec[prefix + "padding"] = ((len(members),), torch.int64)
+            own = _parse_scalars(cohort["layers"], layers, f"the counters of hourglass cohort {c}")
+            spec.update(_stream_spec(prefix, config, windows, own, tensors, len(members), span, seen=length))
+    visible = tensors.get("images.visible")
+    if visible is not None and visible.dim() == 2 and config.cross_attention_layers:
+        images = visible.shape[1]
+        spec["images.visible"] = ((batch, images), torch.bool)
+        for i in config.cross_attention_layers:
+            for name in ("keys", "values"):
+                spec[f"images.{i}.{name}"] = ((batch, config.num_key_value_heads, images, config.head_dim), None)
+    return spec
+
+
+def _check_tensors(
+    tensors: dict[str, torch.Tensor],
+    spec: dict[str, tuple[tuple[int, ...], torch.dtype | None]],
+    dtype: torch.dtype | None,
+) -> None:
+    """Names, shapes, dtypes and values of the tensors against `spec`; `dtype` is the model's (None: any float dtype
+    that all compute-dtype tensors share)."""
+    missing, extra = sorted(set(spec) - set(tensors)), sorted(set(tensors) - set(spec))
+    if missing or extra:
+        raise _BadFileError(
+            "its tensors do not match this model's state"
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+            + (f"; unexpected: {', '.join(extra)}" if extra else "")
+        )
+    for name in sorted(spec):
+        shape, want = spec[name]
+        tensor = tensors[name]
+        if tuple(tensor.shape) != shape:
+            raise _BadFileError(f"tensor {name} has shape {tuple(tensor.shape)}; this model's state needs {shape}")
+        if want is None:
+            if dtype is None and tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                dtype = tensor.dtype
+            if dtype is None:
+                raise _BadFileError(f"tensor {name} has dtype {tensor.dtype}; this model's state needs a float dtype")
+            want = dtype
+        if tensor.dtype != want:
+            raise _BadFileError(f"tensor {name} has dtype {tensor.dtype}; this model's state needs {want}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise _BadFileError(f"tensor {name} holds NaN or infinite values")
+
+
 class SonettCache(Cache):
     """Decoding state of every Sonett layer.
 
@@ -786,8 +1060,21 @@ class SonettCache(Cache):
         """Bytes held by all cached tensors (the shortened layers' state included)."""
         return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
 
-    def save(self, path: str | Path) -> None:
-        """Write the whole decoding state to a safetensors file (no pickle), atomically."""
+    def save(self, path: str | Path, model: torch.nn.Module | None = None) -> None:
+        """Write the whole decoding state to a safetensors file (no pickle), atomically and durably.
+
+        Args:
+            path: the memory file; replaced as a whole. The state is written to a uniquely named temporary file
+                beside it (mode 0600: it holds the conversation), fsynced, renamed over `path`, and the folder is
+                fsynced, as checkpoints are. Two processes saving the same path never disturb each other: the
+                last complete write wins.
+            model: the model whose weights made this state; its `weights_sha256` goes into the file, so that `load`
+                can refuse the file for other weights. Without it the file records no weights and `load(...,
+                model=...)` refuses it unless `allow_other_weights=True`.
+
+        The metadata holds the config fingerprint, per-layer windows and counters, the weights hash and a sha256
+        `checksum` over all of it and every tensor (`state_checksum`).
+        """
         from safetensors.torch import save_file
 
         tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_tensors().items()}
@@ -797,51 +1084,133 @@ class SonettCache(Cache):
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
             "layer_windows": json.dumps({str(i): w for i, w in self.layer_windows.items()}),
             "scalars": json.dumps(self.state_scalars()),
+            "weights": weights_sha256(model) if model is not None else "",
         }
         if self.hourglass is not None:
             metadata["hourglass_scalars"] = json.dumps(self.hourglass.state_scalars())
+        metadata["checksum"] = state_checksum(tensors, metadata)
         path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        save_file(tensors, str(partial), metadata=metadata)
-        partial.replace(path)
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, temporary, metadata=metadata)
+            _fsync(Path(temporary))
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        _fsync(path.parent)
 
     @classmethod
-    def load(cls, path: str | Path, config: SonettConfig, device: torch.device | str = "cpu") -> SonettCache:
-        """Read a cache written by `save`; refuse files from another config, truncated or corrupt files."""
-        from safetensors import SafetensorError, safe_open
+    def load(
+        cls,
+        path: str | Path,
+        config: SonettConfig,
+        device: torch.device | str = "cpu",
+        *,
+        model: torch.nn.Module | None = None,
+        allow_other_weights: bool = False,
+    ) -> SonettCache:
+        """Read a memory file written by `save`, checking everything in it before any of it is used.
+
+        In order: it must be a readable safetensors file of this format and version; its checksum must match its
+        tensors and metadata (a damaged or edited file fails here); its config fingerprint must match `config`; with
+        `model`, the weights hash must match `weights_sha256(model)` (unless `allow_other_weights`); and every tensor
+        must have the name, shape and dtype this config's state needs (the model's dtype with `model`), finite
+        values, and counters that agree with each other. Any failure raises a `MemoryFileError` (a ValueError) that
+        names the file, the problem and the fix; a missing file raises FileNotFoundError.
+
+        Args:
+            path: the memory file.
+            config: the model's config.
+            device: where the loaded tensors go.
+            model: the model that will continue from this state; without it the weights are not checked.
+            allow_other_weights: accept a file made with other weights (or saved without `model=`), on purpose.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"No memory file at {path}.")
+
+        def refuse(problem: str, fix: str = START_AGAIN) -> MemoryFileError:
+            return MemoryFileError(f"The memory file {path} {problem}; {fix}")
+
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as handle:
-                metadata = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(
-                f"The memory file {path} is truncated or corrupt ({error}); it cannot be loaded."
-            ) from error
+            # One read: safe_open would open the path again per tensor, and a save by another process that replaces
+            # the file in between would mix two versions.
+            data = path.read_bytes()
+            tensors = load_safetensors(data)  # validates the header and the data offsets
+            metadata = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
+            raise refuse(f"is truncated or corrupt ({error}), so it cannot be loaded") from error
         if metadata.get("format") != CACHE_FILE_FORMAT:
-            raise ValueError(f"{path} is not a Sonett memory file (no '{CACHE_FILE_FORMAT}' header).")
+            raise refuse(
+                f"is not a Sonett memory file (no '{CACHE_FILE_FORMAT}' header)",
+                "load a file that SonettCache.save or Conversation.save wrote, or " + START_AGAIN,
+            )
         if metadata.get("version") != CACHE_FILE_VERSION:
-            raise ValueError(
-                f"{path} has memory-file version {metadata.get('version')!r}; expected {CACHE_FILE_VERSION}."
+            raise refuse(
+                f"has memory-file version {metadata.get('version')!r}, but this Sonett reads version "
+                f"{CACHE_FILE_VERSION} (version 1 files, from before checksums and weights hashes, cannot be checked)",
+                "its state cannot be converted: " + START_AGAIN,
             )
-        saved = json.loads(metadata["fingerprint"])
-        expected = state_fingerprint(config.get_text_config(decoder=True))
-        differing = [name for name in STATE_FIELDS if saved.get(name) != expected.get(name)]
-        if differing:
-            details = "; ".join(f"{n}: file {saved.get(n)!r} vs model {expected.get(n)!r}" for n in differing)
-            raise ValueError(
-                f"The memory file {path} was written by a model with another config ({details}); load it with the "
-                "model that wrote it, or start a new conversation (a fresh cache) with this model."
+        checksum = metadata.get("checksum")
+        if not isinstance(checksum, str) or not hmac.compare_digest(checksum, state_checksum(tensors, metadata)):
+            raise refuse(
+                "fails its sha256 checksum: its tensors or metadata changed after it was written (damaged or "
+                "edited), so its state cannot be trusted"
             )
-        windows = {int(i): w for i, w in json.loads(metadata["layer_windows"]).items()}
+        text_config = config.get_text_config(decoder=True)
+        try:
+            saved = _json_field(metadata, "fingerprint", dict)
+            expected = state_fingerprint(text_config)
+            differing = [name for name in STATE_FIELDS if saved.get(name) != expected.get(name)]
+            if differing:
+                details = "; ".join(f"{n}: file {saved.get(n)!r} vs model {expected.get(n)!r}" for n in differing)
+                raise refuse(
+                    f"was written by a model with another config ({details})",
+                    "load it with the model that wrote it, or start a new conversation (a fresh cache) with this "
+                    "model.",
+                )
+            keys = set(CACHE_FILE_KEYS) | ({"hourglass_scalars"} if getattr(text_config, "hierarchy", None) else set())
+            if set(metadata) != keys:
+                raise _BadFileError(
+                    f"its metadata has keys {sorted(metadata)}; a memory file for this config has {sorted(keys)}"
+                )
+            weights = metadata["weights"]
+            if weights and (len(weights) != 64 or set(weights) - set("0123456789abcdef")):
+                raise _BadFileError(f"its weights hash {weights!r} is not a sha256 hex digest (or empty)")
+            if model is not None and not allow_other_weights and weights != weights_sha256(model):
+                if weights:
+                    problem = (
+                        f"was made with other weights (sha256 {weights[:12]}... in the file, "
+                        f"{weights_sha256(model)[:12]}... for this model; the same weights in another dtype "
+                        "count as other weights)"
+                    )
+                else:
+                    problem = "records no weights hash (it was saved with cache.save(path) without model=)"
+                raise refuse(
+                    problem,
+                    "load it with the model that made it, or start a new conversation; if you know the state fits "
+                    "this model, pass allow_other_weights=True (scripts/chat.py: --memory_from_other_model). Save "
+                    "with cache.save(path, model=model) (Conversation.save does) to record the weights.",
+                )
+            kinds = list(text_config.layer_types)
+            windows = _parse_windows(metadata, text_config, kinds)
+            scalars = _parse_scalars(_json_field(metadata, "scalars", list), len(kinds), "metadata 'scalars'")
+            cohorts = _json_field(metadata, "hourglass_scalars", list) if "hourglass_scalars" in metadata else None
+            spec = _state_spec(text_config, windows, scalars, cohorts, tensors)
+            _check_tensors(tensors, spec, model.dtype if model is not None else None)
+        except _BadFileError as error:
+            raise refuse(f"is malformed: {error}") from None
+        tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
         cache = cls(config, layer_windows=windows)
-        cache.load_state(tensors, json.loads(metadata["scalars"]))
+        cache.load_state(tensors, scalars)
         if cache.hourglass is not None:
             own = {k[len("hourglass.") :]: v for k, v in tensors.items() if k.startswith("hourglass.")}
-            cache.hourglass.load_state(own, json.loads(metadata.get("hourglass_scalars", "[]")))
+            cache.hourglass.load_state(own, cohorts or [])
         return cache
 
 
@@ -900,14 +1269,14 @@ class SonettStaticCache(SonettCache):
                 "more were given; build it with a larger max_cache_len (generate sizes it to max_length)."
             )
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, model: torch.nn.Module | None = None) -> None:
         raise ValueError(
             "A static cache (SonettStaticCache) holds preallocated buffers for compiled decoding and is not saved to a "
             "memory file; keep the conversation in a dynamic cache (model.make_cache()) to save it."
         )
 
     @classmethod
-    def load(cls, path: str | Path, config: SonettConfig, device: torch.device | str = "cpu") -> SonettCache:
+    def load(cls, path: str | Path, config: SonettConfig, device: torch.device | str = "cpu", **kwargs) -> SonettCache:
         raise ValueError(
             "A memory file loads into a dynamic cache: use SonettCache.load(path, config); a static cache cannot be "
             "loaded from a file."
@@ -918,6 +1287,7 @@ __all__ = [
     "CACHE_LAYER_CLASSES",
     "STATIC_CACHE_LAYER_CLASSES",
     "SUPPORTED_CACHE_IMPLEMENTATIONS",
+    "MemoryFileError",
     "SonettCache",
     "SonettFullAttentionLayer",
     "SonettHourglassState",
@@ -929,4 +1299,6 @@ __all__ = [
     "SonettStaticLinearAttentionLayer",
     "SonettStaticMemoryLayer",
     "SonettStaticSlidingWindowLayer",
+    "state_checksum",
+    "weights_sha256",
 ]

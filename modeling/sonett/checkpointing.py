@@ -9,6 +9,12 @@ size). Guarantees:
   therefore complete at every instant, even after a SIGKILL or a power loss at any moment of a save. Folders that
   are replaced or pruned are first renamed to `*.deleting`, then deleted. `--resume_from_checkpoint latest` ignores
   `.partial` and `.deleting` folders and checks every file's size against `trainer_state.json`.
+- **Same inputs.** Each checkpoint stores the sha256 of the model config as used (the preset's values, comments
+  dropped) and of every data file (`inputs`). Resuming after the preset was edited in place or a data file changed is
+  refused, naming the config fields or the file (size and hash before and after), unless `--allow_changed_inputs`
+  (then a warning names what changed). A checkpoint written before the hashes were stored resumes with a warning.
+- **Checked state.** A `trainer_state.json` that is not valid JSON, lacks a key the loop reads or holds a value of
+  the wrong type or range is a damaged checkpoint, like a missing file.
 - **Safe to load.** Resuming unpickles the optimizer, scheduler and RNG files with `torch.load(weights_only=True)`
   only (tensors, numbers, strings, containers and numpy arrays), so a checkpoint file cannot run code.
 """
@@ -16,6 +22,7 @@ size). Guarantees:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +51,7 @@ PARTIAL_SUFFIX = ".partial"  # a checkpoint being written; renamed to step_N whe
 DELETING_SUFFIX = ".deleting"  # a checkpoint being deleted (renamed first, so no step_N is ever half-deleted)
 CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
 RNG_STATE_FILE = "random_states_{}.pkl"  # accelerate's per-process RNG file
+HASH_BLOCK_BYTES = 1 << 20  # data files are hashed in blocks of this size, so a large file costs no memory
 # Arguments a resumed run must share with the run that saved the checkpoint, or the data order / optimisation differ.
 RESUME_MUST_MATCH = (
     "architecture",
@@ -84,6 +92,7 @@ class TrainState:
     batches_in_epoch: int = 0  # micro-batches this process has taken from the current epoch
     tokens_seen: int = 0
     history: list[dict] = field(default_factory=list)
+    inputs: dict | None = None  # the content hashes of the config and data this run trains on (`input_fingerprint`)
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -99,11 +108,72 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)), key=_checkpoint_step)
 
 
+class _DamagedStateError(Exception):
+    """What is wrong with a checkpoint's state file (turned into the checkpoint's "damaged" ValueError)."""
+
+
+def _value(container: dict, key: str, kind: type | tuple[type, ...], where: str, minimum: int | None = None):
+    """`container[key]`, checked to be of type `kind` (a bool is no number) and at least `minimum`."""
+    if key not in container:
+        raise _DamagedStateError(f"{where} has no {key!r}")
+    value = container[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise _DamagedStateError(f"{where}: {key!r} is {type(value).__name__}, not {names}")
+    if minimum is not None and value < minimum:
+        raise _DamagedStateError(f"{where}: {key!r} is {value}, not {minimum} or more")
+    return value
+
+
+def _check_files(saved: object) -> dict[str, int]:
+    """The `files` entry of a parsed state file: relative paths inside the checkpoint -> sizes."""
+    if not isinstance(saved, dict):
+        raise _DamagedStateError(f"{STATE_FILE} is not a JSON object")
+    files = _value(saved, "files", dict, STATE_FILE)
+    for name in files:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise _DamagedStateError(f"{STATE_FILE}: 'files' names {name!r}, a path outside the checkpoint")
+        _value(files, name, int, f"{STATE_FILE} 'files'", minimum=0)
+    return files
+
+
+def _check_state(saved: dict) -> None:
+    """Every key of a parsed state file that `pretrain` reads, with its type and range."""
+    for name in ("step", "epoch", "batches_in_epoch", "tokens_seen"):
+        _value(saved, name, int, STATE_FILE, minimum=0)
+    for index, entry in enumerate(_value(saved, "history", list, STATE_FILE)):
+        where = f"{STATE_FILE} 'history'[{index}]"
+        if not isinstance(entry, dict):
+            raise _DamagedStateError(f"{where} is {type(entry).__name__}, not dict")
+        for key, kind in (("step", int), ("loss", (int, float))):
+            if key in entry:
+                _value(entry, key, kind, where)
+    _value(saved, "num_processes", int, STATE_FILE, minimum=1)
+    _value(_value(saved, "arguments", dict, STATE_FILE), "max_steps", int, f"{STATE_FILE} 'arguments'", minimum=1)
+    inputs = saved.get("inputs")
+    if inputs is not None:  # absent in checkpoints written before the hashes were stored
+        where = f"{STATE_FILE} 'inputs'"
+        if not isinstance(inputs, dict):
+            raise _DamagedStateError(f"{where} is {type(inputs).__name__}, not dict")
+        config = _value(inputs, "config", dict, where)
+        _value(config, "sha256", str, f"{where} 'config'")
+        _value(config, "values", dict, f"{where} 'config'")
+        for index, entry in enumerate(_value(inputs, "data_files", list, where)):
+            entry_where = f"{where} 'data_files'[{index}]"
+            if not isinstance(entry, dict):
+                raise _DamagedStateError(f"{entry_where} is {type(entry).__name__}, not dict")
+            _value(entry, "path", str, entry_where)
+            _value(entry, "size", int, entry_where, minimum=0)
+            _value(entry, "sha256", str, entry_where)
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The `trainer_state.json` of a complete checkpoint folder.
 
     Raises ValueError when the folder is half-written: a `.partial` folder an interrupted save left behind, no
-    state file, or a file the state lists that is missing or has another size.
+    state file, or a file the state lists that is missing or has another size; and when it is damaged: a state
+    file that is not valid JSON or lacks a key `pretrain` reads, or holds a value of the wrong type or range.
     """
     path = Path(path)
     if path.name.endswith(PARTIAL_SUFFIX):
@@ -122,16 +192,28 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{path} is not a complete checkpoint: it has no {STATE_FILE} (half-written, or not written by "
             "sonett.training.pretrain)."
         )
-    saved = json.loads(state_file.read_text())
+    damaged = f"Checkpoint {path} is damaged: {{}}. Resume from another checkpoint."
+    try:
+        saved = json.loads(state_file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(damaged.format(f"{STATE_FILE} is not valid JSON ({error})")) from None
+    try:
+        files = _check_files(saved)
+    except _DamagedStateError as error:
+        raise ValueError(damaged.format(error)) from None
     problems = []
-    for name, size in saved["files"].items():
+    for name, size in files.items():
         file = path / name
         if not file.is_file():
             problems.append(f"{name} is missing")
         elif file.stat().st_size != size:
             problems.append(f"{name} has {file.stat().st_size} bytes, {size} were written")
     if problems:
-        raise ValueError(f"Checkpoint {path} is damaged: {'; '.join(problems)}. Resume from another checkpoint.")
+        raise ValueError(damaged.format("; ".join(problems)))
+    try:
+        _check_state(saved)
+    except _DamagedStateError as error:
+        raise ValueError(damaged.format(error)) from None
     return saved
 
 
@@ -186,6 +268,103 @@ def check_resumable(saved: dict, args: PretrainArguments, num_processes: int) ->
         logger.warning(
             "max_steps changed from %d to %d: the cosine schedule changes", before["max_steps"], args.max_steps
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Content hashes of the inputs
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 (hex) of a file's bytes, read in blocks of `HASH_BLOCK_BYTES`: constant memory for any size."""
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_BLOCK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            digest.update(view[:count])
+    return digest.hexdigest()
+
+
+def input_fingerprint(config_values: dict, data_files: list[str]) -> dict:
+    """What a run trains: the model config values as used and every data file, by content.
+
+    Args:
+        config_values: the preset's values that make the model config (comment keys dropped).
+        data_files: the local data files (a missing one is left out: the corpus loader refuses it).
+
+    Returns:
+        `{"config": {"sha256", "values"}, "data_files": [{"path", "size", "sha256"}, ...]}`, stored in every
+        checkpoint (`trainer_state.json` `inputs`) and compared on resume (`check_inputs`).
+    """
+    canonical = json.dumps(config_values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    files = [
+        {"path": name, "size": Path(name).stat().st_size, "sha256": file_sha256(name)}
+        for name in data_files
+        if Path(name).is_file()
+    ]
+    config = {"sha256": hashlib.sha256(canonical.encode("utf-8")).hexdigest(), "values": config_values}
+    return {"config": config, "data_files": files}
+
+
+def _short(value: object, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def changed_inputs(before: dict, now: dict) -> list[str]:
+    """What differs between two `input_fingerprint`s: the config fields (old -> new), each changed data file."""
+    changes = []
+    if before["config"]["sha256"] != now["config"]["sha256"]:
+        old, new = before["config"]["values"], now["config"]["values"]
+        unset = object()
+        fields = [
+            f"{key} ({_short(old.get(key, '<unset>'))} -> {_short(new.get(key, '<unset>'))})"
+            for key in sorted(set(old) | set(new))
+            if old.get(key, unset) != new.get(key, unset)
+        ]
+        changes.append(f"the model config: {', '.join(fields) or 'its values'}")
+    saved_files = {entry["path"]: entry for entry in before["data_files"]}
+    for entry in now["data_files"]:
+        was = saved_files.get(entry["path"])  # another list of names is refused by check_resumable
+        if was is not None and (was["sha256"], was["size"]) != (entry["sha256"], entry["size"]):
+            changes.append(
+                f"data file {entry['path']} ({was['size']:,} bytes, sha256 {was['sha256'][:16]} -> "
+                f"{entry['size']:,} bytes, sha256 {entry['sha256'][:16]})"
+            )
+    return changes
+
+
+def check_inputs(saved: dict, inputs: dict, allow_changed: bool, checkpoint: str | Path) -> None:
+    """Raise unless the config and data files have the contents they had when checkpoint `saved` was written.
+
+    With `allow_changed`, a change is logged as a warning instead. A checkpoint written before the hashes were
+    stored (no `inputs`) resumes with a warning: its inputs cannot be compared.
+    """
+    if saved.get("inputs") is None:
+        logger.warning(
+            "checkpoint %s has no content hashes of the model config and data files (written by an older version): "
+            "resuming without checking that they are unchanged; the checkpoints of this run will have them",
+            checkpoint,
+        )
+        return
+    changes = changed_inputs(saved["inputs"], inputs)
+    if not changes:
+        return
+    what = "; ".join(changes)
+    if allow_changed:
+        logger.warning(
+            "--allow_changed_inputs: resuming from %s although these changed since it was saved: %s. The run no "
+            "longer continues the one that saved the checkpoint.",
+            checkpoint,
+            what,
+        )
+        return
+    raise ValueError(
+        f"The inputs changed since checkpoint {checkpoint} was saved: {what}. Resuming would train on other inputs "
+        "than the run that saved it, and its model folder would describe a model that was not trained that way. "
+        "Restore the original files, or start a new run in another --output_dir, or pass --allow_changed_inputs "
+        "to continue on the changed inputs anyway."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -349,7 +528,11 @@ __all__ = [
     "TOKENIZER_DIR",
     "TrainState",
     "UnsafeCheckpointError",
+    "changed_inputs",
+    "check_inputs",
     "check_resumable",
+    "file_sha256",
+    "input_fingerprint",
     "list_checkpoints",
     "load_checkpoint",
     "read_checkpoint",

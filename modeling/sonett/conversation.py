@@ -3,12 +3,13 @@
 `Conversation.reply` renders the new user turn with the tokenizer's chat template, runs it through the model
 on top of the `SonettCache` of every earlier turn, and streams the reply token by token. `save` / `load`
 write that cache to a safetensors file, so a later process continues the conversation without re-reading
-earlier turns.
+earlier turns; the file is bound to the model's weights and checked before use (`SonettCache.load`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +17,29 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .cache_sonett import SonettCache
+from .modeling_sonett import full_attention_token_limit
 
 logger = logging.getLogger(__name__)
 
 TURN_END_TOKEN = "<|end|>"
+
+
+class ConversationFullError(ValueError):
+    """A turn that would take the conversation past the positions the model's full_attention layers take."""
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Raise a ValueError unless `temperature` >= 0 (0 = greedy) and 0 < `top_p` <= 1, both finite numbers."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}.")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy, higher = more random), got {temperature}.")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(
+            f"top_p must be a number in (0, 1], got {top_p!r}: sampling keeps the most likely tokens whose "
+            "probabilities sum to top_p, so 0 keeps none. Use 1 to sample from all tokens, or temperature 0 for "
+            "greedy replies."
+        )
 
 
 class Conversation:
@@ -61,7 +81,27 @@ class Conversation:
             text = ("\n" if self.ended_turn else "") + text
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    @torch.no_grad()
+    def check_room(self, turn_tokens: int, max_new_tokens: int) -> None:
+        """Raise a `ConversationFullError` when a turn of `turn_tokens` and a reply of up to `max_new_tokens` (plus
+        its end token) would run past the positions the model's full_attention layers take (no limit without them).
+        """
+        config = self.model.config.get_text_config(decoder=True)
+        limit = full_attention_token_limit(config)
+        held = int(self.tokens_in_state)
+        needed = held + turn_tokens + max_new_tokens + 1
+        if limit is None or needed <= limit:
+            return
+        shorter = limit - held - turn_tokens - 1
+        raise ConversationFullError(
+            f"The conversation is full: it holds {held} tokens, this turn adds {turn_tokens} and a reply of up to "
+            f"{max_new_tokens} tokens plus its end token would reach {needed}, but this model's full_attention layers "
+            f"take at most {limit} positions (max_position_embeddings={config.max_position_embeddings}). "
+            "Start a new conversation (scripts/chat.py: /reset; in Python a new Conversation), "
+            + (f"lower max_new_tokens to {shorter} or less, " if shorter >= 1 else "")
+            + "or chat with a constant-memory model without full_attention layers (e.g. one trained from "
+            "configuration/sonett-tiny-constant.json), whose state never fills up."
+        )
+
     def reply(
         self,
         message: str,
@@ -70,8 +110,22 @@ class Conversation:
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> Iterator[str]:
-        """Stream the assistant's reply to `message` as text pieces (greedy when `temperature` is 0)."""
+        """Stream the assistant's reply to `message` as text pieces (greedy when `temperature` is 0).
+
+        Checked before anything is fed, so a refused turn leaves the state as it was: `temperature` and `top_p`
+        (ValueError, see `check_sampling`) and the room left for the turn and its reply (`ConversationFullError`).
+        """
+        check_sampling(temperature, top_p)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
         ids = self.turn_ids(message)
+        self.check_room(len(ids), max_new_tokens)
+        return self._stream(ids, max_new_tokens, temperature, top_p, generator)
+
+    @torch.no_grad()
+    def _stream(
+        self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float, generator: torch.Generator | None
+    ) -> Iterator[str]:
         self.prompt_tokens_read += len(ids)
         device = self.model.device
         logits = self.model(torch.tensor([ids], device=device), cache=self.cache, use_cache=True).logits[0, -1]
@@ -106,15 +160,24 @@ class Conversation:
         return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
     def save(self, path: str | Path) -> None:
-        """Write the conversation state (the whole cache) to a safetensors file."""
-        self.cache.save(path)
+        """Write the conversation state (the whole cache) to a safetensors file, bound to the model's weights."""
+        self.cache.save(path, model=self.model)
 
     @classmethod
-    def load(cls, path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Conversation:
-        """Continue a conversation saved by `save` (refuses files from another config)."""
+    def load(
+        cls,
+        path: str | Path,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        allow_other_weights: bool = False,
+    ) -> Conversation:
+        """Continue a conversation saved by `save`. Refuses (`MemoryFileError`) a damaged or edited file, one from
+        another config, or one made with other weights unless `allow_other_weights` (see `SonettCache.load`)."""
         cache_class = type(model.make_cache())  # the model's own class, remote code or not
-        cache = cache_class.load(path, model.config, device=model.device)
+        cache = cache_class.load(
+            path, model.config, device=model.device, model=model, allow_other_weights=allow_other_weights
+        )
         return cls(model, tokenizer, cache=cache, ended_turn=cache.get_seq_length() > 0)
 
 
-__all__ = ["Conversation"]
+__all__ = ["Conversation", "ConversationFullError", "check_sampling"]

@@ -1479,6 +1479,38 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
                 + f" Or lower max_new_tokens to {max(limit - input_ids_length, 0)} or less."
             )
 
+    def _prefill(
+        self, input_ids: torch.LongTensor, generation_config, model_kwargs: dict, is_first_iteration: bool = True
+    ):
+        """Refuse a user cache that already holds the whole prompt, before the first forward.
+
+        As in transformers, `input_ids` (or `inputs_embeds`) passed with a filled cache are the whole sequence, the
+        cached tokens first, and only the tokens after them are fed. When the cache holds as many tokens as the prompt
+        or more, nothing is left to feed: transformers would feed the whole prompt again on top of the cache (a silent
+        wrong answer), and the cache holds no logits for the last prompt token to continue from. The cached tokens
+        are not compared with the prompt's (the cache does not store token ids).
+        """
+        cache = model_kwargs.get("cache")
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        if past > 0:
+            embeds = model_kwargs.get("inputs_embeds")
+            if embeds is not None and is_first_iteration:
+                given, whole = embeds.shape[1], True
+            else:
+                mask = model_kwargs.get("attention_mask")
+                mask_length = mask.shape[1] if mask is not None else getattr(generation_config, "_mask_length", -1)
+                given, whole = input_ids.shape[1], mask_length == input_ids.shape[1]
+            if whole and given <= past:
+                raise ValueError(
+                    f"generate got a cache that already holds {past} tokens and a prompt of {given} tokens. With a "
+                    "filled cache the prompt is the whole sequence, the cached tokens first, and only the tokens after "
+                    "them are fed, so the prompt must be longer than the cache; the cache holds no logits to continue "
+                    "from its last token. Pass the cached tokens plus at least one new token, build the cache from all "
+                    "but the last prompt token (model(input_ids[:, :-1], use_cache=True).cache), or generate without "
+                    "a cache."
+                )
+        return super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=is_first_iteration)
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(

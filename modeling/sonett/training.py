@@ -50,7 +50,9 @@ from .checkpointing import (
     TOKENIZER_DIR,
     TrainState,
     UnsafeCheckpointError,
+    check_inputs,
     check_resumable,
+    input_fingerprint,
     list_checkpoints,
     load_checkpoint,
     read_checkpoint,
@@ -65,6 +67,7 @@ from .data import (
     load_corpus,
     pack_into_blocks,
     split_by_document,
+    split_long_documents,
     take_blocks,
 )
 from .hub import count_parameters, write_baseline_folder, write_model_folder
@@ -135,6 +138,13 @@ class PretrainArguments:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "`latest` (in output_dir/checkpoints) or a checkpoint folder"}
     )
+    allow_changed_inputs: bool = field(
+        default=False,
+        metadata={
+            "help": "resume although the model config's values or a data file's contents changed since the "
+            "checkpoint was saved (refused otherwise); a warning names what changed"
+        },
+    )
     report_to: str = field(
         default="auto", metadata={"help": "tracker: tensorboard, none, another Accelerate tracker, or auto"}
     )
@@ -187,10 +197,14 @@ def load_preset(name_or_path: str) -> dict:
     return json.loads(path.read_text())
 
 
+def preset_values(preset: dict) -> dict:
+    """The values of a preset that make the model config: comment keys (starting with `_`) and model_type dropped."""
+    return {k: v for k, v in preset.items() if not k.startswith("_") and k != "model_type"}
+
+
 def config_from_preset(preset: dict, **overrides) -> SonettConfig:
     """A `SonettConfig` from a preset dict (comment keys starting with `_` dropped), with `overrides` applied."""
-    values = {k: v for k, v in preset.items() if not k.startswith("_") and k != "model_type"}
-    return SonettConfig(**{**values, **overrides})
+    return SonettConfig(**{**preset_values(preset), **overrides})
 
 
 def build_config(preset: dict, tokenizer: PreTrainedTokenizerBase) -> SonettConfig:
@@ -299,7 +313,9 @@ def _tokenizer(
         texts = (row[args.text_column] for row in first_documents(train, limit))
     with accelerator.main_process_first():
         return train_bpe_tokenizer(
-            texts, vocab_size=args.vocab_size, model_max_length=preset.get("max_position_embeddings", 4096)
+            split_long_documents(texts),  # bounded memory for over-long documents, the same tokenizer
+            vocab_size=args.vocab_size,
+            model_max_length=preset.get("max_position_embeddings", 4096),
         )
 
 
@@ -565,12 +581,22 @@ def pretrain(args: PretrainArguments) -> dict:
     accelerator = make_accelerator(args)
     set_seed(args.seed)
     preset = load_preset(args.config)
-    checkpoint, state = None, TrainState()
+    hashing_started = time.perf_counter()
+    inputs = input_fingerprint(preset_values(preset), args.data_files)  # stored in every checkpoint
+    logger.info(
+        "hashed the config and %d data files (%s bytes) in %.1f s",
+        len(inputs["data_files"]),
+        f"{sum(entry['size'] for entry in inputs['data_files']):,}",
+        time.perf_counter() - hashing_started,
+    )
+    checkpoint, state = None, TrainState(inputs=inputs)
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, Path(args.output_dir) / CHECKPOINTS_DIR)
         saved = read_checkpoint(checkpoint)
         check_resumable(saved, args, accelerator.num_processes)
-        state = TrainState(**{item.name: saved[item.name] for item in fields(TrainState)})
+        check_inputs(saved, inputs, args.allow_changed_inputs, checkpoint)
+        resumed = {item.name: saved[item.name] for item in fields(TrainState) if item.name != "inputs"}
+        state = TrainState(**resumed, inputs=inputs)
         logger.info("resuming from %s at step %d", checkpoint, state.step)
     data = prepare_data(args, accelerator, preset, checkpoint)
 
@@ -751,6 +777,7 @@ __all__ = [
     "make_train_loader",
     "parameter_groups",
     "prepare_data",
+    "preset_values",
     "pretrain",
     "read_checkpoint",
     "resolve_checkpoint",
