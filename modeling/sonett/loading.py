@@ -93,12 +93,18 @@ def _auto_map_entries(value: Any) -> Iterator[tuple[str, str | None]]:
             yield from _auto_map_entries(item)
 
 
-def _names_shipped_class(reference: str) -> bool:
-    """Whether `module.Class` names a class that one of the package's shipped code files defines."""
+def _reference_problem(reference: object) -> str | None:
+    """Why an `auto_map` reference does not name a class of the package's shipped code files (None if it does)."""
+    if not isinstance(reference, str):
+        return f"{reference!r} is not a `module.Class` name"
     module, _, name = reference.rpartition(".")
-    if "--" in reference or f"{module}.py" not in SHIPPED_CODE_FILES:
-        return False
-    return isinstance(getattr(importlib.import_module(f"{__package__}.{module}"), name, None), type)
+    if "--" in reference:
+        return f"{reference!r} names code in another repository"
+    if f"{module}.py" not in SHIPPED_CODE_FILES:
+        return f"{module}.py is not one of the sonett package's code files"
+    if not isinstance(getattr(importlib.import_module(f"{__package__}.{module}"), name, None), type):
+        return f"{module}.py of the sonett package defines no class {name}"
+    return None
 
 
 def auto_map_problems(value: Any, source: str) -> list[str]:
@@ -113,12 +119,8 @@ def auto_map_problems(value: Any, source: str) -> list[str]:
             continue
         if auto_class == "AutoTokenizer":
             problems.append(f"{source} maps AutoTokenizer to {reference!r} (a tokenizer is data, not code)")
-        elif not isinstance(reference, str) or not _names_shipped_class(reference):
-            module = reference.rpartition(".")[0] if isinstance(reference, str) else reference
-            problems.append(
-                f"{source} maps {auto_class} to {reference!r}, and {module}.py is not one of the sonett package's "
-                "code files"
-            )
+        elif (reason := _reference_problem(reference)) is not None:
+            problems.append(f"{source} maps {auto_class} to {reference!r}: {reason}")
     return problems
 
 
