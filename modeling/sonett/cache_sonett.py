@@ -708,7 +708,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return value
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file's data (or a folder's entries) to the disk."""
     flags = os.O_RDONLY
     if path.is_dir():
@@ -1094,12 +1094,12 @@ class SonettCache(Cache):
         os.close(fd)
         try:
             save_file(tensors, temporary, metadata=metadata)
-            _fsync(Path(temporary))
+            fsync_path(Path(temporary))
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
-        _fsync(path.parent)
+        fsync_path(path.parent)
 
     @classmethod
     def load(

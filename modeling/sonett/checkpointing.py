@@ -39,6 +39,8 @@ from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load
 from transformers import PreTrainedTokenizerBase
 
+from .cache_sonett import fsync_path
+
 if TYPE_CHECKING:
     from .training import PretrainArguments
 
@@ -371,29 +373,15 @@ def check_inputs(saved: dict, inputs: dict, allow_changed: bool, checkpoint: str
 # Durable writes
 
 
-def _fsync_path(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to the disk."""
-    flags = os.O_RDONLY
-    if path.is_dir():
-        if not hasattr(os, "O_DIRECTORY"):
-            return  # Windows cannot open a folder; its renames are not made durable this way
-        flags |= os.O_DIRECTORY
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder: Path) -> None:
     """fsync every file under `folder`, then every folder, deepest first, `folder` itself last."""
     paths = sorted(folder.rglob("*"))
     for path in paths:
         if path.is_file():
-            _fsync_path(path)
+            fsync_path(path)
     for path in sorted((p for p in paths if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        _fsync_path(path)
-    _fsync_path(folder)
+        fsync_path(path)
+    fsync_path(folder)
 
 
 def _delete(folder: Path) -> None:
@@ -401,7 +389,7 @@ def _delete(folder: Path) -> None:
     doomed = folder.with_name(folder.name + DELETING_SUFFIX)
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(folder, doomed)
-    _fsync_path(folder.parent)
+    fsync_path(folder.parent)
     shutil.rmtree(doomed)
 
 
@@ -410,7 +398,7 @@ def _publish(partial: Path, final: Path) -> None:
     if final.exists():  # left by an earlier run into the same output_dir
         _delete(final)
     os.replace(partial, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
 
 
 def _remove_leftovers(root: Path) -> None:
@@ -440,7 +428,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         if not root.is_dir():
             root.mkdir(parents=True)
-            _fsync_path(root.parent)
+            fsync_path(root.parent)
         _remove_leftovers(root)
         partial.mkdir()
     accelerator.wait_for_everyone()
