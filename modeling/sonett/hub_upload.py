@@ -86,8 +86,12 @@ ALLOWED_NESTED = (
 RESULTS_PATTERNS = ("results.json", "*_results.json")
 # Files whose text is data rather than prose (a vocabulary may hold any string): no local-path check.
 VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "*.tiktoken")
-# Files read in binary: not scanned for token patterns (a weights file is a header and raw numbers).
+# Files read in binary: not scanned for token patterns (a weights file is a header and raw numbers), except the
+# JSON header of a safetensors file, whose `__metadata__` holds free text.
 BINARY_SUFFIXES = (".safetensors", ".png", ".jpg", ".jpeg", ".model")
+SAFETENSORS_SUFFIX = ".safetensors"
+# safetensors refuses a header over 100 MB; a longer declared length is read only this far.
+MAX_SAFETENSORS_HEADER_BYTES = 100_000_000
 # The package's code files that save_pretrained copies into a model folder (the only `.py` files that upload).
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Names of files and folders that hold credentials (matched case-insensitively): refused, and no pattern admits them.
@@ -152,8 +156,9 @@ TOKEN_CHARACTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvw
 # Text files are read in chunks of this size; a match may straddle two chunks by up to SCAN_OVERLAP_BYTES.
 SCAN_CHUNK_BYTES = 1 << 20
 SCAN_OVERLAP_BYTES = 1024
-# An absolute POSIX path inside text (a run of path characters after a `/` that no word, `.` or `:` precedes).
-ABSOLUTE_PATH = r"(?<![\w.~/:-])/[\w.@+~-]+(?:/[\w.@+~-]+)*"
+# An absolute POSIX path inside text (a run of path characters after a `/` that no word, `.` or `:` precedes, or
+# after `file://`: a file URL names a local path too).
+ABSOLUTE_PATH = r"(?:(?<=file://)|(?<![\w.~/:-]))/[\w.@+~-]+(?:/[\w.@+~-]+)*"
 ABSOLUTE_PATH_TEXT = re.compile(ABSOLUTE_PATH)
 ABSOLUTE_PATH_BYTES = re.compile(ABSOLUTE_PATH.encode())
 # Top-level folders that hold a user's files on common systems (a path under one is local even if it is not here)
@@ -400,7 +405,14 @@ def relative_local_paths(value: object, folder: str | Path, cwd: str | Path | No
 
 
 def _chunks(upload: UploadFile) -> Iterator[bytes]:
-    """The bytes that would be uploaded, `SCAN_CHUNK_BYTES` at a time."""
+    """The bytes that would be uploaded, `SCAN_CHUNK_BYTES` at a time (of a safetensors file: its JSON header)."""
+    if upload.path_in_repo.endswith(SAFETENSORS_SUFFIX) and upload.content is None:
+        with upload.local_path.open("rb") as handle:
+            length = min(int.from_bytes(handle.read(8), "little"), MAX_SAFETENSORS_HEADER_BYTES)
+            while length > 0 and (chunk := handle.read(min(length, SCAN_CHUNK_BYTES))):
+                length -= len(chunk)
+                yield chunk
+        return
     if upload.content is not None:
         for start in range(0, len(upload.content), SCAN_CHUNK_BYTES):
             yield upload.content[start : start + SCAN_CHUNK_BYTES]
@@ -450,9 +462,11 @@ def _starts_a_token(match: re.Match[bytes]) -> bool:
 def find_secrets(upload: UploadFile) -> list[str]:
     """`<file> line <n>: <what> (<first characters>… <length> characters)` for each token pattern in a file, by line.
 
-    Weights and raster images are not read; every other uploaded file is, `SCAN_CHUNK_BYTES` at a time.
+    Raster images and tensor data are not read; the header of a safetensors file (its `__metadata__` is free text)
+    and every other uploaded file are, `SCAN_CHUNK_BYTES` at a time.
     """
-    if upload.path_in_repo.endswith(BINARY_SUFFIXES):
+    name = upload.path_in_repo
+    if name.endswith(BINARY_SUFFIXES) and not name.endswith(SAFETENSORS_SUFFIX):
         return []
     found = []
     for label, pattern in SECRET_SEARCHES:
@@ -462,10 +476,11 @@ def find_secrets(upload: UploadFile) -> list[str]:
 
 
 def find_local_paths(upload: UploadFile) -> list[str]:
-    """`<file> line <n>: an absolute local path (<path>)` for each in a text file (vocabularies and the package's
-    code files are not checked)."""
+    """`<file> line <n>: an absolute local path (<path>)` for each in a text file or a safetensors header
+    (vocabularies and the package's code files are not checked)."""
     name = upload.path_in_repo
-    if name.endswith((*BINARY_SUFFIXES, ".py")) or _matches(name, VOCABULARY_FILES):
+    binary = name.endswith(BINARY_SUFFIXES) and not name.endswith(SAFETENSORS_SUFFIX)
+    if binary or name.endswith(".py") or _matches(name, VOCABULARY_FILES):
         return []
     local = lambda match: is_local_path(match.group(0).decode("utf-8", "replace").rstrip("."))  # noqa: E731
     return [

@@ -1,0 +1,67 @@
+"""Issue 15, adversarial review of the merged hardening: bypasses of its guarantees that the first tests missed."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers_model import tiny_model
+from safetensors.torch import load_file, save_file
+from test_hardening_upload import REPO, model_folder  # noqa: F401 (a fixture)
+from test_push_to_hub import TOKEN
+
+from sonett.hub_upload import FolderNotReadyError, push_folder_to_hub, relative_local_paths
+from sonett.loading import UntrustedCodeError, check_model_folder, check_saved_code
+
+
+@pytest.fixture
+def folder(model_folder, tmp_path):  # noqa: F811
+    return Path(shutil.copytree(model_folder, tmp_path / "model"))
+
+
+def refusal(folder: Path) -> str:
+    with pytest.raises(FolderNotReadyError) as error:
+        push_folder_to_hub(folder, REPO, dry_run=True)
+    return str(error.value)
+
+
+# ---- item 3: a safetensors header is text too ------------------------------------------------------------------------
+
+
+def test_a_token_or_local_path_in_safetensors_metadata_is_refused(folder):
+    weights = folder / "model.safetensors"
+    metadata = {"format": "pt", "note": f"pushed with {TOKEN}", "source": "/home/alice/private/run"}
+    save_file(load_file(weights), weights, metadata=metadata)
+    message = refusal(folder)
+    assert "model.safetensors line 1: a Hugging Face token (hf_" in message
+    assert TOKEN not in message  # masked
+    assert "model.safetensors line 1: an absolute local path (/home/alice/private/run)" in message
+
+
+def test_a_plain_safetensors_header_passes(folder):
+    assert "model.safetensors" in {f.path_in_repo for f in push_folder_to_hub(folder, REPO, dry_run=True).files}
+
+
+# ---- item 3: a file URL names a local path ---------------------------------------------------------------------------
+
+
+def test_a_file_url_in_the_card_is_made_relative_and_elsewhere_refused(folder):
+    assert relative_local_paths("data at file:///home/alice/corpus.txt", folder) == "data at file://corpus.txt"
+    (folder / "chat_template.jinja").write_text("{# from file:///home/alice/templates/x.jinja #}")
+    assert "chat_template.jinja line 1: an absolute local path (/home/alice/templates/x.jinja)" in refusal(folder)
+
+
+# ---- item 1: transformers also runs custom_generate/generate.py ------------------------------------------------------
+
+
+def test_planted_custom_generate_code_is_refused_for_loading_and_saving(tmp_path):
+    """transformers replaces `generate` with `custom_generate/generate.py` of a folder loaded with
+    trust_remote_code=True; the tooling must neither accept such a folder nor save a model into one."""
+    model = tiny_model("full")
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    (folder / "custom_generate").mkdir()
+    (folder / "custom_generate" / "generate.py").write_text("def generate(model, *args, **kwargs):\n    return None\n")
+    with pytest.raises(UntrustedCodeError, match=r"custom_generate/generate\.py is not one of the sonett package"):
+        check_model_folder(folder)
+    with pytest.raises(UntrustedCodeError, match=r"Not saving into .*custom_generate/generate\.py"):
+        check_saved_code(folder, model)
