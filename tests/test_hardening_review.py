@@ -1,5 +1,6 @@
 """Issue 15, adversarial review of the merged hardening: bypasses of its guarantees that the first tests missed."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from test_hardening_upload import REPO, model_folder  # noqa: F401 (a fixture)
 from test_push_to_hub import TOKEN
 
+from sonett import SonettForCausalLM
 from sonett.hub_upload import FolderNotReadyError, push_folder_to_hub, relative_local_paths
 from sonett.loading import UntrustedCodeError, check_model_folder, check_saved_code
 
@@ -65,3 +67,24 @@ def test_planted_custom_generate_code_is_refused_for_loading_and_saving(tmp_path
         check_model_folder(folder)
     with pytest.raises(UntrustedCodeError, match=r"Not saving into .*custom_generate/generate\.py"):
         check_saved_code(folder, model)
+
+
+# ---- items 3 and 8: a weight index names files of its own folder only ------------------------------------------------
+
+
+def _index_pointing_outside(folder: Path, tmp_path: Path) -> None:
+    """Move the weights out of `folder` and write an index whose shard names lead to them (`../elsewhere/...`)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(folder / "model.safetensors", elsewhere / "model.safetensors")
+    tensors = load_file(elsewhere / "model.safetensors")
+    index = {"metadata": {}, "weight_map": dict.fromkeys(tensors, "../elsewhere/model.safetensors")}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_an_index_naming_shards_outside_the_folder_is_refused_for_upload_and_load(folder, tmp_path):
+    _index_pointing_outside(folder, tmp_path)
+    message = refusal(folder)
+    assert "names the shard ../elsewhere/model.safetensors, which is not a file name in the folder" in message
+    with pytest.raises(OSError, match=r"names weight shards outside the folder \(\.\./elsewhere/model\.safetensors\)"):
+        SonettForCausalLM.from_pretrained(folder)

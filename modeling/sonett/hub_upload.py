@@ -613,9 +613,14 @@ def _check_weights(folder: Path, problems: list[str]) -> None:
     index_path = folder / WEIGHTS_INDEX_FILE
     if index_path.is_file():
         index = _read_json(index_path, problems)
-        shards = sorted(set((index or {}).get("weight_map", {}).values()))
+        shards = sorted(set(map(str, (index or {}).get("weight_map", {}).values())))
         for shard in shards:
-            if not (folder / shard).is_file():
+            if Path(shard).name != shard or shard in ("", ".", ".."):
+                problems.append(
+                    f"{WEIGHTS_INDEX_FILE} names the shard {shard}, which is not a file name in the folder (only the "
+                    "folder's own files are uploaded, so the repository would lack it); save the model again."
+                )
+            elif not (folder / shard).is_file():
                 problems.append(
                     f"{WEIGHTS_INDEX_FILE} names the shard {shard}, which is missing; save the model again."
                 )
