@@ -11,7 +11,7 @@ from test_hardening_upload import REPO, model_folder  # noqa: F401 (a fixture)
 from test_push_to_hub import TOKEN
 
 from sonett import SonettForCausalLM
-from sonett.hub_upload import FolderNotReadyError, push_folder_to_hub, relative_local_paths
+from sonett.hub_upload import FolderNotReadyError, list_upload_files, push_folder_to_hub, relative_local_paths
 from sonett.loading import UntrustedCodeError, check_model_folder, check_saved_code
 
 
@@ -88,3 +88,27 @@ def test_an_index_naming_shards_outside_the_folder_is_refused_for_upload_and_loa
     assert "names the shard ../elsewhere/model.safetensors, which is not a file name in the folder" in message
     with pytest.raises(OSError, match=r"names weight shards outside the folder \(\.\./elsewhere/model\.safetensors\)"):
         SonettForCausalLM.from_pretrained(folder)
+
+
+# ---- item 3: a broad --allow_extra_files pattern never admits secrets ------------------------------------------------
+
+SECRETS_OUTSIDE_THE_FIRST_LIST = [
+    ".bash_history",
+    ".python_history",
+    "secrets.toml",
+    ".streamlit/secrets.toml",
+    "api_key.txt",
+    "openai_apikey",
+    "password.txt",
+    ".vault-token",
+    "terraform.tfstate",
+]
+
+
+@pytest.mark.parametrize("name", SECRETS_OUTSIDE_THE_FIRST_LIST)
+def test_allow_extra_files_star_still_refuses_secret_names(folder, name):
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("not for publication\n")
+    assert name not in {f.path_in_repo for f in list_upload_files(folder, allow_extra_files=("*",))}
+    with pytest.raises(FolderNotReadyError, match=rf"Files that hold credentials are in the folder: {name}"):
+        push_folder_to_hub(folder, REPO, dry_run=True, allow_extra_files=("*",))

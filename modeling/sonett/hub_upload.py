@@ -130,6 +130,18 @@ CREDENTIAL_FILE_PATTERNS = (
     "*.pfx",
     "*.jks",
     "*.keystore",
+    # names that say "secret" without a fixed spelling, shell histories (tokens typed on a command line), tool state
+    "*secret*",
+    "*password*",
+    "*passwd*",
+    "*api_key*",
+    "*apikey*",
+    "*_history",
+    ".vault-token",
+    ".dockercfg",
+    "*.tfstate",
+    "*.tfstate.*",
+    "cookies.txt",
 )
 CREDENTIAL_DIRS = frozenset(
     {".aws", ".azure", ".config", ".docker", ".env", ".gcloud", ".gnupg", ".huggingface", ".kaggle", ".kube", ".ssh"}
