@@ -1,11 +1,12 @@
 """Issue 15, adversarial review of the merged hardening: bypasses of its guarantees that the first tests missed."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
-from helpers_model import tiny_model
+from helpers_model import tiny_config, tiny_model
 from safetensors.torch import load_file, save_file
 from test_hardening_upload import REPO, model_folder  # noqa: F401 (a fixture)
 from test_push_to_hub import TOKEN
@@ -112,3 +113,21 @@ def test_allow_extra_files_star_still_refuses_secret_names(folder, name):
     assert name not in {f.path_in_repo for f in list_upload_files(folder, allow_extra_files=("*",))}
     with pytest.raises(FolderNotReadyError, match=rf"Files that hold credentials are in the folder: {name}"):
         push_folder_to_hub(folder, REPO, dry_run=True, allow_extra_files=("*",))
+
+
+# ---- item 9: the remaining numeric fields fail in the config, not deep inside torch ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("attention_dropout", 2.0, "attention_dropout must be a probability in [0, 1)"),
+        ("attention_dropout", float("nan"), "attention_dropout must be a probability in [0, 1)"),
+        ("attention_dropout", -0.5, "attention_dropout must be a probability in [0, 1)"),
+        ("initializer_range", float("nan"), "initializer_range must be a finite standard deviation >= 0"),
+        ("initializer_range", -1.0, "initializer_range must be a finite standard deviation >= 0"),
+    ],
+)
+def test_dropout_and_initializer_range_are_checked_in_the_config(field, value, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        tiny_config("full", **{field: value})
