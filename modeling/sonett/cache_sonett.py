@@ -16,7 +16,8 @@ there), because each row of a batch completes its groups of k tokens at its own 
 The whole cache saves to and loads from one safetensors file (`save` / `load`), so a conversation can
 continue in another process without re-reading earlier turns. A memory file is data from outside: `load` checks its
 sha256 checksum (over every tensor and the metadata), the config it was made for, the weights it was made with, and
-every tensor's name, shape, dtype and values before any of it is used (see `SonettCache.load`).
+every tensor's name, shape, dtype and values before any of it is used (see `SonettCache.load`). The checksum is not
+a signature: it catches damage and edits, not a forger who recomputes it.
 """
 
 from __future__ import annotations
@@ -1119,6 +1120,11 @@ class SonettCache(Cache):
         must have the name, shape and dtype this config's state needs (the model's dtype with `model`), finite
         values, and counters that agree with each other. Any failure raises a `MemoryFileError` (a ValueError) that
         names the file, the problem and the fix; a missing file raises FileNotFoundError.
+
+        The checksum and the weights hash are not a signature: they catch damage, hand edits and mix-ups, but whoever
+        edits a file on purpose can recompute both. Such a file still passes only with the names, shapes, dtypes and
+        finite values above, so it cannot run code or crash the load, but its state can be anything (finite values
+        so large that the next forward gives NaN): load memory files only from sources you trust with the answers.
 
         Args:
             path: the memory file.

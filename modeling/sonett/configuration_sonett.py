@@ -567,6 +567,16 @@ class SonettConfig(PreTrainedConfig):
                 f"SonettConfig.rms_norm_eps must be a small positive number (e.g. 1e-6), got {eps!r}: RMSNorm divides "
                 "by sqrt(mean(x^2) + eps), so 0 divides by zero on a zero vector and a negative or NaN eps gives NaN."
             )
+        dropout, init_range = self.attention_dropout, self.initializer_range
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+            raise ValueError(
+                f"SonettConfig.attention_dropout must be a probability in [0, 1) (0.0 for none), got {dropout!r}."
+            )
+        if isinstance(init_range, bool) or not isinstance(init_range, numbers.Real) or not 0 <= init_range < math.inf:
+            raise ValueError(
+                f"SonettConfig.initializer_range must be a finite standard deviation >= 0 (e.g. 0.02), got "
+                f"{init_range!r}: new weights are drawn from a normal distribution with it."
+            )
         if self.hidden_act not in ACT2FN:
             close = difflib.get_close_matches(str(self.hidden_act), sorted(ACT2FN), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""

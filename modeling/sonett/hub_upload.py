@@ -86,8 +86,12 @@ ALLOWED_NESTED = (
 RESULTS_PATTERNS = ("results.json", "*_results.json")
 # Files whose text is data rather than prose (a vocabulary may hold any string): no local-path check.
 VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "*.tiktoken")
-# Files read in binary: not scanned for token patterns (a weights file is a header and raw numbers).
+# Files read in binary: not scanned for token patterns (a weights file is a header and raw numbers), except the
+# JSON header of a safetensors file, whose `__metadata__` holds free text.
 BINARY_SUFFIXES = (".safetensors", ".png", ".jpg", ".jpeg", ".model")
+SAFETENSORS_SUFFIX = ".safetensors"
+# safetensors refuses a header over 100 MB; a longer declared length is read only this far.
+MAX_SAFETENSORS_HEADER_BYTES = 100_000_000
 # The package's code files that save_pretrained copies into a model folder (the only `.py` files that upload).
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Names of files and folders that hold credentials (matched case-insensitively): refused, and no pattern admits them.
@@ -126,6 +130,18 @@ CREDENTIAL_FILE_PATTERNS = (
     "*.pfx",
     "*.jks",
     "*.keystore",
+    # names that say "secret" without a fixed spelling, shell histories (tokens typed on a command line), tool state
+    "*secret*",
+    "*password*",
+    "*passwd*",
+    "*api_key*",
+    "*apikey*",
+    "*_history",
+    ".vault-token",
+    ".dockercfg",
+    "*.tfstate",
+    "*.tfstate.*",
+    "cookies.txt",
 )
 CREDENTIAL_DIRS = frozenset(
     {".aws", ".azure", ".config", ".docker", ".env", ".gcloud", ".gnupg", ".huggingface", ".kaggle", ".kube", ".ssh"}
@@ -152,8 +168,9 @@ TOKEN_CHARACTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvw
 # Text files are read in chunks of this size; a match may straddle two chunks by up to SCAN_OVERLAP_BYTES.
 SCAN_CHUNK_BYTES = 1 << 20
 SCAN_OVERLAP_BYTES = 1024
-# An absolute POSIX path inside text (a run of path characters after a `/` that no word, `.` or `:` precedes).
-ABSOLUTE_PATH = r"(?<![\w.~/:-])/[\w.@+~-]+(?:/[\w.@+~-]+)*"
+# An absolute POSIX path inside text (a run of path characters after a `/` that no word, `.` or `:` precedes, or
+# after `file://`: a file URL names a local path too).
+ABSOLUTE_PATH = r"(?:(?<=file://)|(?<![\w.~/:-]))/[\w.@+~-]+(?:/[\w.@+~-]+)*"
 ABSOLUTE_PATH_TEXT = re.compile(ABSOLUTE_PATH)
 ABSOLUTE_PATH_BYTES = re.compile(ABSOLUTE_PATH.encode())
 # Top-level folders that hold a user's files on common systems (a path under one is local even if it is not here)
@@ -400,7 +417,14 @@ def relative_local_paths(value: object, folder: str | Path, cwd: str | Path | No
 
 
 def _chunks(upload: UploadFile) -> Iterator[bytes]:
-    """The bytes that would be uploaded, `SCAN_CHUNK_BYTES` at a time."""
+    """The bytes that would be uploaded, `SCAN_CHUNK_BYTES` at a time (of a safetensors file: its JSON header)."""
+    if upload.path_in_repo.endswith(SAFETENSORS_SUFFIX) and upload.content is None:
+        with upload.local_path.open("rb") as handle:
+            length = min(int.from_bytes(handle.read(8), "little"), MAX_SAFETENSORS_HEADER_BYTES)
+            while length > 0 and (chunk := handle.read(min(length, SCAN_CHUNK_BYTES))):
+                length -= len(chunk)
+                yield chunk
+        return
     if upload.content is not None:
         for start in range(0, len(upload.content), SCAN_CHUNK_BYTES):
             yield upload.content[start : start + SCAN_CHUNK_BYTES]
@@ -450,9 +474,11 @@ def _starts_a_token(match: re.Match[bytes]) -> bool:
 def find_secrets(upload: UploadFile) -> list[str]:
     """`<file> line <n>: <what> (<first characters>… <length> characters)` for each token pattern in a file, by line.
 
-    Weights and raster images are not read; every other uploaded file is, `SCAN_CHUNK_BYTES` at a time.
+    Raster images and tensor data are not read; the header of a safetensors file (its `__metadata__` is free text)
+    and every other uploaded file are, `SCAN_CHUNK_BYTES` at a time.
     """
-    if upload.path_in_repo.endswith(BINARY_SUFFIXES):
+    name = upload.path_in_repo
+    if name.endswith(BINARY_SUFFIXES) and not name.endswith(SAFETENSORS_SUFFIX):
         return []
     found = []
     for label, pattern in SECRET_SEARCHES:
@@ -462,10 +488,11 @@ def find_secrets(upload: UploadFile) -> list[str]:
 
 
 def find_local_paths(upload: UploadFile) -> list[str]:
-    """`<file> line <n>: an absolute local path (<path>)` for each in a text file (vocabularies and the package's
-    code files are not checked)."""
+    """`<file> line <n>: an absolute local path (<path>)` for each in a text file or a safetensors header
+    (vocabularies and the package's code files are not checked)."""
     name = upload.path_in_repo
-    if name.endswith((*BINARY_SUFFIXES, ".py")) or _matches(name, VOCABULARY_FILES):
+    binary = name.endswith(BINARY_SUFFIXES) and not name.endswith(SAFETENSORS_SUFFIX)
+    if binary or name.endswith(".py") or _matches(name, VOCABULARY_FILES):
         return []
     local = lambda match: is_local_path(match.group(0).decode("utf-8", "replace").rstrip("."))  # noqa: E731
     return [
@@ -598,9 +625,14 @@ def _check_weights(folder: Path, problems: list[str]) -> None:
     index_path = folder / WEIGHTS_INDEX_FILE
     if index_path.is_file():
         index = _read_json(index_path, problems)
-        shards = sorted(set((index or {}).get("weight_map", {}).values()))
+        shards = sorted(set(map(str, (index or {}).get("weight_map", {}).values())))
         for shard in shards:
-            if not (folder / shard).is_file():
+            if Path(shard).name != shard or shard in ("", ".", ".."):
+                problems.append(
+                    f"{WEIGHTS_INDEX_FILE} names the shard {shard}, which is not a file name in the folder (only the "
+                    "folder's own files are uploaded, so the repository would lack it); save the model again."
+                )
+            elif not (folder / shard).is_file():
                 problems.append(
                     f"{WEIGHTS_INDEX_FILE} names the shard {shard}, which is missing; save the model again."
                 )

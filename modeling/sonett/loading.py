@@ -8,7 +8,8 @@ of it is read:
 
 - A tokenizer is data. A tokenizer folder (a checkpoint's `tokenizer/`, `--tokenizer`) may hold no `.py` file,
   and its `tokenizer_config.json` no `auto_map`.
-- A model folder (it has a `config.json`) may hold the package's shipped code files (`*_sonett.py`) only, every
+- A model folder (it has a `config.json`) may hold the package's shipped code files (`*_sonett.py`) only (and no
+  `custom_generate/` code, which transformers runs in place of `generate` with `trust_remote_code=True`), every
   `auto_map` entry of its config files must name a class of those files, and `tokenizer_config.json` may not map
   `AutoTokenizer` to code. A shipped file whose text differs from the installed package's (a folder saved by an
   older version, or an edited one) is named in a warning only: the tooling runs the package's code, never the
@@ -62,10 +63,17 @@ class UntrustedCodeError(ValueError):
     """A folder holds Python code (or an `auto_map` naming code) that the tooling would have to run."""
 
 
-def _python_files(folder: Path) -> list[Path]:
-    """The `.py` files directly in `folder`: transformers imports remote code from the folder itself only (an
-    `auto_map` entry names a flat module), so a subfolder (a fine-tuning run's `merged/` model) is not part of it."""
-    return sorted(p for p in folder.glob("*.py") if p.is_file())
+# The subfolder whose `generate.py` transformers runs in place of `generate` when a model folder loads with
+# `trust_remote_code=True` (`GenerationMixin.load_custom_generate`).
+CUSTOM_GENERATE_DIR = "custom_generate"
+
+
+def _python_files(folder: Path) -> list[str]:
+    """The `.py` files that transformers may import from `folder` (paths relative to it): those directly in it (an
+    `auto_map` entry names a flat module) and those in `custom_generate/`. Other subfolders (a fine-tuning run's
+    `merged/` model) are not part of it."""
+    found = [*folder.glob("*.py"), *folder.glob(f"{CUSTOM_GENERATE_DIR}/**/*.py")]
+    return sorted(p.relative_to(folder).as_posix() for p in found if p.is_file())
 
 
 def _read_json(path: Path) -> Any:
@@ -131,7 +139,7 @@ def check_tokenizer_folder(folder: str | Path) -> None:
         UntrustedCodeError: naming each file and the fix.
     """
     folder = Path(folder)
-    problems = [f"{p.name} is a Python file" for p in _python_files(folder)]
+    problems = [f"{name} is a Python file" for name in _python_files(folder)]
     config_file = folder / TOKENIZER_CONFIG_FILE
     if config_file.is_file():
         config = _read_json(config_file)
@@ -151,11 +159,11 @@ def check_model_folder(folder: str | Path) -> None:
     """
     folder = Path(folder)
     problems, changed = [], []
-    for path in _python_files(folder):
-        if path.name not in SHIPPED_CODE_FILES:
-            problems.append(f"{path.name} is not one of the sonett package's code files")
-        elif path.read_bytes() != SHIPPED_CODE[path.name].read_bytes():
-            changed.append(path.name)
+    for name in _python_files(folder):
+        if name not in SHIPPED_CODE_FILES:
+            problems.append(f"{name} is not one of the sonett package's code files")
+        elif (folder / name).read_bytes() != SHIPPED_CODE[name].read_bytes():
+            changed.append(name)
     for name in CODE_CONFIG_FILES:
         if (folder / name).is_file():
             problems += auto_map_problems(_read_json(folder / name), name)
@@ -261,9 +269,9 @@ def check_saved_code(folder: str | Path, *objects: object) -> None:
             problems += auto_map_problems({"auto_map": getattr(config, "auto_map", None)}, f"{name}.config")
     if folder.is_dir():
         problems += [
-            f"{p.name} in {folder} is not one of the sonett package's code files; save into a new folder or delete it"
-            for p in _python_files(folder)
-            if p.name not in SHIPPED_CODE_FILES
+            f"{name} in {folder} is not one of the sonett package's code files; save into a new folder or delete it"
+            for name in _python_files(folder)
+            if name not in SHIPPED_CODE_FILES
         ]
     if problems:
         raise UntrustedCodeError(f"Not saving into {folder}: {'; '.join(problems)}.")

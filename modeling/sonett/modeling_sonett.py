@@ -489,6 +489,12 @@ def check_local_weights(folder: str, has_config: bool = False, use_safetensors: 
                 f"{os.path.join(folder, index)} is not a valid weight index ({error}); save the model again with "
                 "model.save_pretrained(folder)."
             ) from error
+        outside = sorted(shard for shard in shards if isinstance(shard, str) and os.path.basename(shard) != shard)
+        if outside:
+            raise OSError(
+                f"{os.path.join(folder, index)} names weight shards outside the folder ({', '.join(outside)}); a "
+                "shard is a file of the model folder itself. Save the model again with model.save_pretrained(folder)."
+            )
         missing = sorted(shard for shard in shards if shard not in names)
         if missing:
             raise OSError(
