@@ -306,3 +306,20 @@ def test_tokenising_a_2mb_line_stays_within_bounded_memory(tmp_path):
     characters, extra_mib = map(int, out.stdout.split())
     assert characters > 2_000_000
     assert extra_mib < 150, f"tokenising a {characters:,}-character line took {extra_mib} MiB more"
+
+
+def test_a_local_dataset_folder_is_compared_by_content(tmp_path):
+    """`--dataset_name ./folder` (which `load_dataset` reads) is hashed file by file, not compared by name only."""
+    fields = write_micro_run_files(tmp_path)
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    corpus = dataset / "train.txt"
+    shutil.move(fields.pop("data_files")[0], corpus)
+    args = PretrainArguments(output_dir=str(tmp_path / "run"), dataset_name=str(dataset), **{**fields, **RUN})
+    pretrain(args)
+    with corpus.open("a") as handle:
+        handle.write("def appended(): return 1\n")
+    (dataset / "more.txt").write_text("def added(): return 2\n")
+    message = rf"data file {dataset / 'more.txt'} \(added, 22 bytes\); data file {corpus} \(2,780 bytes, sha256 "
+    with pytest.raises(ValueError, match=message):
+        pretrain(_resume_args(args, tmp_path / "out"))

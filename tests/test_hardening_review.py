@@ -131,3 +131,31 @@ def test_allow_extra_files_star_still_refuses_secret_names(folder, name):
 def test_dropout_and_initializer_range_are_checked_in_the_config(field, value, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
         tiny_config("full", **{field: value})
+
+
+# ---- item 6: another kind of file is refused from its header, before its data is read -----------------------------
+
+
+def test_a_large_file_that_is_no_memory_file_is_refused_before_its_data_is_read(tmp_path):
+    import struct
+    import tracemalloc
+
+    from sonett import SonettCache
+    from sonett.cache_sonett import MemoryFileError
+
+    size = 200 * 1024 * 1024  # a sparse model.safetensors given by mistake
+    header = json.dumps(
+        {"__metadata__": {"format": "pt"}, "w": {"dtype": "F32", "shape": [size // 4], "data_offsets": [0, size]}}
+    ).encode()
+    path = tmp_path / "model.safetensors"
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header)
+        handle.truncate(8 + len(header) + size)
+    tracemalloc.start()
+    try:
+        with pytest.raises(MemoryFileError, match="is not a Sonett memory file"):
+            SonettCache.load(path, tiny_config())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 1024 * 1024, f"read {peak:,} bytes to refuse it"

@@ -40,6 +40,7 @@ from .linear_attention_sonett import linear_feature_size
 CACHE_FILE_FORMAT = "sonett-cache"
 # Version 2 added the checksum and the weights hash; version-1 files cannot be checked and are refused.
 CACHE_FILE_VERSION = "2"
+MAX_MEMORY_HEADER_BYTES = 64 * 1024 * 1024  # a memory file's header names a few tensors per layer: far below this
 # The metadata of a version-2 memory file: exactly these keys (plus "hourglass_scalars" with a hierarchy).
 CACHE_FILE_KEYS = ("format", "version", "fingerprint", "layer_windows", "scalars", "weights", "checksum")
 # What a memory file that cannot be trusted tells the user to do.
@@ -1144,24 +1145,36 @@ class SonettCache(Cache):
             return MemoryFileError(f"The memory file {path} {problem}; {fix}")
 
         try:
-            # One read: safe_open would open the path again per tensor, and a save by another process that replaces
-            # the file in between would mix two versions.
-            data = path.read_bytes()
+            # One open handle: safe_open would open the path again per tensor, and a save by another process that
+            # replaces the file in between would mix two versions. The header is read and checked first, so that
+            # another kind of file (a multi-GB model.safetensors given by mistake) is refused before its data is read.
+            with open(path, "rb") as handle:
+                head = handle.read(8)
+                header_bytes = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if not 0 < header_bytes <= MAX_MEMORY_HEADER_BYTES:
+                    raise ValueError(f"a safetensors header of {header_bytes:,} bytes")
+                header = handle.read(header_bytes)
+                metadata = json.loads(header).get("__metadata__") or {}
+                if not isinstance(metadata, dict):
+                    raise ValueError("its __metadata__ is not an object")
+                if metadata.get("format") != CACHE_FILE_FORMAT:
+                    raise refuse(
+                        f"is not a Sonett memory file (no '{CACHE_FILE_FORMAT}' header)",
+                        "load a file that SonettCache.save or Conversation.save wrote, or " + START_AGAIN,
+                    )
+                if metadata.get("version") != CACHE_FILE_VERSION:
+                    raise refuse(
+                        f"has memory-file version {metadata.get('version')!r}, but this Sonett reads version "
+                        f"{CACHE_FILE_VERSION} (version 1 files, from before checksums and weights hashes, cannot be "
+                        "checked)",
+                        "its state cannot be converted: " + START_AGAIN,
+                    )
+                data = head + header + handle.read()
             tensors = load_safetensors(data)  # validates the header and the data offsets
-            metadata = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
-        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
+        except MemoryFileError:
+            raise
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, AttributeError) as error:
             raise refuse(f"is truncated or corrupt ({error}), so it cannot be loaded") from error
-        if metadata.get("format") != CACHE_FILE_FORMAT:
-            raise refuse(
-                f"is not a Sonett memory file (no '{CACHE_FILE_FORMAT}' header)",
-                "load a file that SonettCache.save or Conversation.save wrote, or " + START_AGAIN,
-            )
-        if metadata.get("version") != CACHE_FILE_VERSION:
-            raise refuse(
-                f"has memory-file version {metadata.get('version')!r}, but this Sonett reads version "
-                f"{CACHE_FILE_VERSION} (version 1 files, from before checksums and weights hashes, cannot be checked)",
-                "its state cannot be converted: " + START_AGAIN,
-            )
         checksum = metadata.get("checksum")
         if not isinstance(checksum, str) or not hmac.compare_digest(checksum, state_checksum(tensors, metadata)):
             raise refuse(

@@ -287,12 +287,20 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def local_dataset_files(dataset_name: str | None) -> list[str]:
+    """Every file under `dataset_name` when it names a local folder (which `load_dataset` reads), sorted; else []."""
+    if not dataset_name or not Path(dataset_name).is_dir():
+        return []  # a Hub dataset is compared by name (check_resumable)
+    return sorted(str(path) for path in Path(dataset_name).rglob("*") if path.is_file())
+
+
 def input_fingerprint(config_values: dict, data_files: list[str]) -> dict:
     """What a run trains: the model config values as used and every data file, by content.
 
     Args:
         config_values: the preset's values that make the model config (comment keys dropped).
-        data_files: the local data files (a missing one is left out: the corpus loader refuses it).
+        data_files: the local data files, including those of a local `--dataset_name` folder
+            (`local_dataset_files`); a missing one is left out: the corpus loader refuses it.
 
     Returns:
         `{"config": {"sha256", "values"}, "data_files": [{"path", "size", "sha256"}, ...]}`, stored in every
@@ -326,13 +334,17 @@ def changed_inputs(before: dict, now: dict) -> list[str]:
         ]
         changes.append(f"the model config: {', '.join(fields) or 'its values'}")
     saved_files = {entry["path"]: entry for entry in before["data_files"]}
+    now_files = {entry["path"] for entry in now["data_files"]}
     for entry in now["data_files"]:
-        was = saved_files.get(entry["path"])  # another list of names is refused by check_resumable
-        if was is not None and (was["sha256"], was["size"]) != (entry["sha256"], entry["size"]):
+        was = saved_files.get(entry["path"])
+        if was is None:  # only a local dataset folder can gain files: other name lists are refused earlier
+            changes.append(f"data file {entry['path']} (added, {entry['size']:,} bytes)")
+        elif (was["sha256"], was["size"]) != (entry["sha256"], entry["size"]):
             changes.append(
                 f"data file {entry['path']} ({was['size']:,} bytes, sha256 {was['sha256'][:16]} -> "
                 f"{entry['size']:,} bytes, sha256 {entry['sha256'][:16]})"
             )
+    changes += [f"data file {path} (removed)" for path in saved_files if path not in now_files]
     return changes
 
 
@@ -523,6 +535,7 @@ __all__ = [
     "input_fingerprint",
     "list_checkpoints",
     "load_checkpoint",
+    "local_dataset_files",
     "read_checkpoint",
     "resolve_checkpoint",
     "save_checkpoint",

@@ -55,6 +55,7 @@ from .checkpointing import (
     input_fingerprint,
     list_checkpoints,
     load_checkpoint,
+    local_dataset_files,
     read_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
@@ -582,7 +583,8 @@ def pretrain(args: PretrainArguments) -> dict:
     set_seed(args.seed)
     preset = load_preset(args.config)
     hashing_started = time.perf_counter()
-    inputs = input_fingerprint(preset_values(preset), args.data_files)  # stored in every checkpoint
+    data_files = list(args.data_files) + local_dataset_files(args.dataset_name)
+    inputs = input_fingerprint(preset_values(preset), data_files)  # stored in every checkpoint
     logger.info(
         "hashed the config and %d data files (%s bytes) in %.1f s",
         len(inputs["data_files"]),
