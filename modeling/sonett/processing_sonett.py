@@ -7,6 +7,7 @@ images each text position may see: image n of a sample becomes visible at its ma
 the rest of that sample.
 """
 
+import json
 import logging
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
-from transformers.utils import cached_file
+from transformers.utils import CONFIG_NAME, cached_file
 
 from .image_processing_sonett import SonettImageProcessor, flatten_images
 
@@ -28,6 +29,20 @@ IMAGE_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _config_has_vision(name_or_path: Any, lookup: dict) -> bool:
+    """Whether the folder's or repository's config.json describes a vision model (False when it has none).
+
+    A connection error is not caught: whether images are expected must come from the config, not from which files
+    happen to be reachable.
+    """
+    config_file = cached_file(name_or_path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **lookup)
+    if config_file is None:
+        return False
+    with open(config_file, encoding="utf-8") as handle:
+        values = json.load(handle)
+    return isinstance(values, dict) and values.get("vision_config") is not None
 
 
 class SonettProcessor(ProcessorMixin):
@@ -79,6 +94,11 @@ class SonettProcessor(ProcessorMixin):
         an image processor.
         """
         lookup = {key: kwargs[key] for key in ("subfolder", "revision", "cache_dir", "token") if key in kwargs}
+        lookup.update({key: kwargs[key] for key in ("local_files_only", "force_download", "proxies") if key in kwargs})
+        if _config_has_vision(pretrained_model_name_or_path, lookup):
+            # A multimodal model: its processor files must load (an unreachable one raises naming it), never a
+            # tokenizer that would silently drop the images.
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         has_images = any(
             cached_file(
                 pretrained_model_name_or_path,
