@@ -13,7 +13,7 @@ cache, `logits_to_keep=1`; best of `--repeats`). Repeats interleave the models, 
 alike. It prints a Markdown table; ratios > 1 mean the hourglass is faster.
 
 With `--train_steps N` it also pretrains the hourglass preset and its flat twin (written as JSON into
-`--output_dir`) for N steps with `sonett.training.pretrain` defaults, and compares validation losses.
+`--output_dir`) for N steps with `sonett.training.pretraining.pretrain` defaults, and compares validation losses.
 
     python scripts/benchmark_hierarchy.py                                  # sonett-tiny-hourglass, 1k and 4k
     python scripts/benchmark_hierarchy.py --contexts 1024 4096 8192 --repeats 5 --json runs/hierarchy.json
@@ -32,9 +32,10 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedModel
 
 from sonett import SonettForCausalLM
-from sonett.baselines import llama_config_like
-from sonett.hub import count_parameters
-from sonett.training import PretrainArguments, config_from_preset, load_preset, pretrain
+from sonett.evaluation.baselines import llama_config_like
+from sonett.hub.saving import count_parameters
+from sonett.presets import config_from_preset, load_preset
+from sonett.training.pretraining import PretrainArguments, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("hourglass", "flat", "llama")

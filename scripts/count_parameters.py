@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from sonett import SonettForCausalLM
-from sonett.training import config_from_preset, load_preset
+from sonett.presets import config_from_preset, load_preset
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configuration"
 

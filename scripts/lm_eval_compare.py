@@ -4,7 +4,7 @@
     python scripts/compare.py lm                 # trains runs/compare-lm/sonett and its matched Llama
     python scripts/lm_eval_compare.py            # scores both on the harness tasks below
 
-The tasks come from the standard-library files that pretraining held out (`sonett.harness.stdlib_tasks`):
+The tasks come from the standard-library files that pretraining held out (`sonett.evaluation.harness.stdlib_tasks`):
 `stdlib_next_line` (multiple choice: the real next line among four, acc and acc_norm, chance 0.25) and
 `stdlib_line_completion` (generate until the end of the line, exact match). The held-out split is read from the
 first model's `training_results.json`, so no question comes from a file either model trained on. Writes
@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from sonett.harness import STDLIB_TASKS, run_harness, stdlib_tasks
+from sonett.evaluation.harness import STDLIB_TASKS, run_harness, stdlib_tasks
 
 METRICS = (("stdlib_next_line", "acc"), ("stdlib_next_line", "acc_norm"), ("stdlib_line_completion", "exact_match"))
 

@@ -87,16 +87,16 @@ def full_attention_kv_bytes(config, tokens: int, element_size: int = 4) -> int:
 
 def load_model_and_tokenizer(args: argparse.Namespace):
     """A trained folder (`--model`) or a random-init model of a preset, with a loaded or freshly trained tokenizer."""
-    from sonett.loading import load_model, load_tokenizer
+    from sonett.hub.loading import load_model, load_tokenizer
 
     if args.model:  # the sonett package's classes load the folder: none of its code runs
         tokenizer = load_tokenizer(args.model)
         model = load_model(args.model, dtype=torch.float32)
         return model.eval(), tokenizer, args.model
     from sonett import SonettForCausalLM
-    from sonett.data import stdlib_corpus
-    from sonett.tokenizer_training import train_bpe_tokenizer
-    from sonett.training import build_config, load_preset
+    from sonett.data.corpus import stdlib_corpus
+    from sonett.data.tokenizer import train_bpe_tokenizer
+    from sonett.presets import build_config, load_preset
 
     preset = load_preset(args.config)
     if args.tokenizer:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Long-run training stability: train a preset for many steps and check that loss and gradients stay finite.
 
-It runs `sonett.training.pretrain` (every `PretrainArguments` field is a flag; the defaults differ from
+It runs `sonett.training.pretraining.pretrain` (every `PretrainArguments` field is a flag; the defaults differ from
 `scripts/train.py` where noted below), then prints a table of the run (steps, tokens, min/max/final loss, largest
 gradient norm, non-finite counts, the largest loss jump) and writes a PNG of loss and gradient norm against the step.
 It exits with status 1 when any loss or gradient norm is NaN or infinite.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from sonett.training import PretrainArguments, pretrain
+from sonett.training.pretraining import PretrainArguments, pretrain
 
 DEFAULTS = {
     "max_steps": 2000,

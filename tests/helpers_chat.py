@@ -9,8 +9,8 @@ that the end of the assistant prompt ("\\n") -> REPLY's tokens -> `<|end|>` -> "
 import torch
 
 from sonett import SonettConfig, SonettForCausalLM
-from sonett.hub import write_model_folder
-from sonett.tokenizer_training import TURN_END_TOKEN, train_bpe_tokenizer
+from sonett.data.tokenizer import TURN_END_TOKEN, train_bpe_tokenizer
+from sonett.hub.saving import write_model_folder
 
 CORPUS = ["a picture of a cat", "what is in this image?", "the red square and the blue square"] * 4
 REPLY = "a red cat"

@@ -41,12 +41,12 @@ from sonett import (
     SonettImageProcessor,
     SonettProcessor,
 )
-from sonett.conversation import Conversation
-from sonett.data import check_data_files, load_corpus
-from sonett.evaluation import EvaluationArguments, load_evaluation_text
-from sonett.hub import write_model_folder
-from sonett.tokenizer_training import train_bpe_tokenizer
-from sonett.training import PretrainArguments, pretrain, read_checkpoint, resolve_checkpoint
+from sonett.data.corpus import check_data_files, load_corpus
+from sonett.data.tokenizer import train_bpe_tokenizer
+from sonett.evaluation.scoring import EvaluationArguments, load_evaluation_text
+from sonett.hub.saving import write_model_folder
+from sonett.inference.conversation import Conversation
+from sonett.training.pretraining import PretrainArguments, pretrain, read_checkpoint, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = 3  # the image marker id of the multimodal test model

@@ -18,10 +18,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .cache_sonett import SonettCache, SonettStaticCache
-from .configuration_sonett import LAYER_KINDS, SonettConfig, SonettVisionConfig
-from .image_processing_sonett import SonettImageProcessor
-from .modeling_sonett import (
+from .model.cache_sonett import SonettCache, SonettStaticCache
+from .model.configuration_sonett import LAYER_KINDS, SonettConfig, SonettVisionConfig
+from .model.image_processing_sonett import SonettImageProcessor
+from .model.modeling_sonett import (
     SonettForCausalLM,
     SonettForConditionalGeneration,
     SonettForQuestionAnswering,
@@ -30,7 +30,7 @@ from .modeling_sonett import (
     SonettModel,
     SonettPreTrainedModel,
 )
-from .processing_sonett import SonettProcessor
+from .model.processing_sonett import SonettProcessor
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,1 @@
+"""The model presets (`*.json`) and Accelerate configs (`accelerate/*.yaml`), shipped as `sonett.configuration`."""

@@ -1,0 +1,1 @@
+"""The `sonett` command."""

@@ -1,0 +1,96 @@
+"""Chat with a Sonett model in the terminal; `--memory FILE` keeps the conversation across processes.
+
+    python scripts/chat.py runs/sonett-tiny --memory runs/chat-memory.safetensors
+
+Each turn feeds only its own tokens to the model on top of the saved decoding state (`SonettCache`), and
+the state is written back after every reply, so a later run continues where this one stopped without
+re-reading earlier turns. Type /reset to start over (it also deletes the memory file), /quit (or end the input) to
+leave. A memory file is checked before use (checksum, config, weights, every tensor) and only continues with the
+weights that made it, unless --memory_from_other_model. With full_attention layers a conversation can fill the
+model's positions; the chat then says so and waits for /reset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from sonett.hub.loading import load_model, load_tokenizer
+from sonett.inference.conversation import Conversation, ConversationFullError, check_sampling
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a Sonett model folder or Hub id")
+    parser.add_argument("--memory", type=Path, default=None, help="safetensors file holding the conversation state")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top_p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--revision", default=None, help="pin a Hub commit")
+    parser.add_argument(
+        "--memory_from_other_model",
+        action="store_true",
+        help="continue a memory file made with other weights (by default it is refused)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        check_sampling(args.temperature, args.top_p)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.max_new_tokens < 1:
+        parser.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
+
+    # The sonett package's own classes load the folder: none of its code runs (sonett.hub.loading).
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    model = load_model(args.model, revision=args.revision)
+    if args.memory is not None and args.memory.is_file():
+        try:
+            conversation = Conversation.load(
+                args.memory, model, tokenizer, allow_other_weights=args.memory_from_other_model
+            )
+        except ValueError as error:  # the file cannot be used; the message says why and what to do
+            sys.exit(f"[memory] {error}")
+        print(f"[memory] continuing from {args.memory}: {conversation.tokens_in_state} tokens in the state")
+    else:
+        conversation = Conversation(model, tokenizer)
+    generator = torch.Generator().manual_seed(args.seed)
+    interactive = sys.stdin.isatty()
+
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            break
+        message = line.rstrip("\n")
+        if message.strip() == "/reset":
+            conversation = Conversation(model, tokenizer)
+            if args.memory is not None:
+                args.memory.unlink(missing_ok=True)
+            print("[memory] cleared" + (f" (deleted {args.memory})" if args.memory is not None else ""))
+            continue
+        if not message.strip():
+            continue
+        try:
+            pieces = conversation.reply(message, args.max_new_tokens, args.temperature, args.top_p, generator)
+        except ConversationFullError as error:  # checked before the turn is fed: the state is unchanged
+            print(f"[memory] {error}", flush=True)
+            continue
+        print("sonett> ", end="", flush=True)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+        if args.memory is not None:
+            conversation.save(args.memory)
+    print(
+        f"[memory] {conversation.tokens_in_state} tokens in the state, {conversation.cache.nbytes():,} bytes; "
+        f"this session read {conversation.prompt_tokens_read} prompt tokens"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: the embedded corpus, instruction data, generated images and tokenizer training."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, synthetic recall tasks, lm-eval harness and comparisons against Llama."""

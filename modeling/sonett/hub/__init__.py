@@ -1,0 +1,1 @@
+"""The Hub: loading folders safely, writing Hub-ready folders, model cards and checked uploads."""

@@ -1,0 +1,1 @@
+"""Inference: conversations with a persistent memory and the OpenAI-compatible server."""

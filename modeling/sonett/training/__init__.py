@@ -1,0 +1,1 @@
+"""Training: pretraining, checkpoints, fine-tuning, task and vision training."""
