@@ -6,18 +6,19 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers_hub import TOKEN
 from helpers_model import tiny_config, tiny_model
 from safetensors.torch import load_file, save_file
-from test_hardening_upload import REPO, model_folder  # noqa: F401 (a fixture)
-from test_push_to_hub import TOKEN
 
 from sonett import SonettForCausalLM
 from sonett.hub.loading import UntrustedCodeError, check_model_folder, check_saved_code
 from sonett.hub.upload import FolderNotReadyError, list_upload_files, push_folder_to_hub, relative_local_paths
 
+REPO = "tester/hardened"  # the repo id of the dry-run pushes
+
 
 @pytest.fixture
-def folder(model_folder, tmp_path):  # noqa: F811
+def folder(model_folder, tmp_path):
     return Path(shutil.copytree(model_folder, tmp_path / "model"))
 
 

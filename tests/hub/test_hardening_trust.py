@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 from helpers_chat import bigram_chat_model, chat_tokenizer, save_chat_folder
+from helpers_training import write_micro_run_files
 from hub_server import HubServer, Repo
-from test_training import write_micro_run_files
 from transformers import AutoTokenizer
 
 import sonett.training.checkpointing as checkpointing

@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers_hub import CORPUS, TOKEN, online_env, run_pushes
 from helpers_model import tiny_model
 from hub_server import GITATTRIBUTES, HubServer
-from test_push_to_hub import CORPUS, TOKEN, online_env, run_pushes
 
 from sonett.data.tokenizer import train_bpe_tokenizer
 from sonett.hub.saving import add_quality_results, write_model_folder
@@ -54,16 +54,6 @@ FAKE_SECRETS = {
     "an OpenAI-style secret key": "sk-proj-" + "Zx9Yw8Vu7T" * 4,
     "a private key": "-----BEGIN RSA PRIVATE KEY-----",
 }
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    """A tiny Sonett folder as training writes it (weights, config, code, tokenizer, card, results)."""
-    tokenizer = train_bpe_tokenizer(CORPUS, vocab_size=300, min_frequency=2)
-    model = tiny_model("full", vocab_size=len(tokenizer))
-    folder = tmp_path_factory.mktemp("upload") / "sonett-hardened"
-    write_model_folder(model, tokenizer, folder, {"steps": 0, "validation_loss": 3.0})
-    return folder
 
 
 @pytest.fixture

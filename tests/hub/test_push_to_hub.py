@@ -9,8 +9,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import textwrap
 import uuid
 from pathlib import Path
@@ -19,10 +17,11 @@ import huggingface_hub
 import pytest
 import torch
 import yaml
+from helpers_hub import CORPUS, PUSH_SCRIPT, TOKEN, online_env, run_pushes, run_python
 from helpers_model import tiny_model
+from helpers_remote import EVERY_KIND, NO_PACKAGE_PREAMBLE
 from hub_server import GITATTRIBUTES, HubServer
 from safetensors.torch import load_file
-from test_remote_code import EVERY_KIND, NO_PACKAGE_PREAMBLE, fresh_process_env
 
 import sonett
 from sonett import SonettConfig
@@ -40,38 +39,11 @@ from sonett.hub.upload import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "push_to_hub.py"
-TOKEN = "hf_dummyTokenSonettPushTest9f3k2q"  # recognisable: it must appear in no output of any process
 REPO = "tester/sonett-push"
 PRIVATE_REPO = "tester/sonett-private"
 BRANCH = "experiment"
 PROMPT = "def add(a, b):\n    return a + b\n"
 NEW_TOKENS = 8
-CORPUS = [
-    "def add(a, b):\n    return a + b\n",
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
-    "for i in range(10):\n    print(i * i)\n",
-    "import os\nprint(os.path.join('a', 'b'))\n",
-] * 8
-
-# Runs the script's main() once per argv list in one interpreter (one import of torch instead of four).
-PUSH_DRIVER = textwrap.dedent(
-    """
-    import json
-    import sys
-
-    sys.path.insert(0, sys.argv[1])
-    from push_to_hub import main
-
-    codes = []
-    for argv in json.loads(sys.argv[2]):
-        print("### push", argv, flush=True)
-        print("### push", argv, file=sys.stderr, flush=True)
-        codes.append(main(argv))
-    print("### exit codes", json.dumps(codes))
-    """
-)
-
 # Fresh interpreter, package not importable, empty HF_HOME: load each (repo, revision) by id, write the outputs.
 LOAD_SCRIPT = NO_PACKAGE_PREAMBLE + textwrap.dedent(
     """
@@ -108,37 +80,11 @@ LOAD_SCRIPT = NO_PACKAGE_PREAMBLE + textwrap.dedent(
 )
 
 
-def online_env(home: Path, endpoint: str | None, token: str) -> dict:
-    """A child environment that may use the network: offline switches off, its own empty HF_HOME."""
-    env = fresh_process_env(home)
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HF_TOKEN"):
-        env.pop(name, None)
-    env.update(HF_TOKEN=token, HF_DEBUG="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
-    if endpoint is not None:
-        env["HF_ENDPOINT"] = endpoint
-    return env
-
-
-def run(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**env, "PYTHONPATH": str(ROOT / "modeling")}  # this checkout's package, not the installed one
-    return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True)
-
-
-def run_pushes(argvs: list[list[str]], env: dict, cwd: Path) -> tuple[list[int], str]:
-    driver = cwd / "push_driver.py"
-    driver.write_text(PUSH_DRIVER)
-    result = run([str(driver), str(SCRIPT.parent), json.dumps(argvs)], env, cwd)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-    codes = json.loads(re.search(r"### exit codes (.*)", result.stdout).group(1))
-    return codes, output
-
-
 def run_load(spec: dict, env: dict, cwd: Path) -> tuple[dict, dict, str]:
     script = cwd / "load_from_hub.py"
     script.write_text(LOAD_SCRIPT)
     out_path = cwd / "loaded.safetensors"
-    result = run([str(script), json.dumps(spec), str(out_path)], env, cwd)
+    result = run_python([str(script), json.dumps(spec), str(out_path)], env, cwd)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     return load_file(out_path), json.loads(Path(f"{out_path}.json").read_text()), output
@@ -299,7 +245,9 @@ def test_dry_run_lists_the_files_and_sends_nothing(models, tmp_path):
     folder = models["v1"]["folder"]
     with HubServer() as hub:
         env = online_env(tmp_path / "home", hub.url, TOKEN)
-        result = run([str(SCRIPT), str(folder), REPO, "--dry-run", "--private", "--revision", BRANCH], env, tmp_path)
+        result = run_python(
+            [str(PUSH_SCRIPT), str(folder), REPO, "--dry-run", "--private", "--revision", BRANCH], env, tmp_path
+        )
         assert hub.state.requests == []
     assert result.returncode == 0, result.stderr[-4000:]
     files = list_upload_files(folder)
@@ -317,14 +265,16 @@ def test_dry_run_lists_the_files_and_sends_nothing(models, tmp_path):
 def test_the_script_refuses_a_broken_folder_with_its_fix(models, tmp_path):
     folder = shutil.copytree(models["v1"]["folder"], tmp_path / "broken")
     (folder / "README.md").unlink()
-    result = run([str(SCRIPT), str(folder), REPO], online_env(tmp_path / "home", "http://127.0.0.1:9", TOKEN), tmp_path)
+    result = run_python(
+        [str(PUSH_SCRIPT), str(folder), REPO], online_env(tmp_path / "home", "http://127.0.0.1:9", TOKEN), tmp_path
+    )
     assert result.returncode == 1
     assert "error: Cannot upload" in result.stderr and "No model card" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 # ---- only the folder's own files, and never a credential, leave the machine ----------------------------------------
-# (The allow-list of tests/test_hardening_upload.py refuses these folders; they were skipped with a warning before.)
+# (The allow-list of tests/hub/test_hardening_upload.py refuses these folders; they were skipped with a warning before.)
 
 SECRETS = {
     ".env": f"HF_TOKEN={TOKEN}\n",
@@ -509,7 +459,7 @@ def test_real_hub_round_trip(models, tmp_path):
         assert token not in output + load_output
     finally:
         delete = "import sys; from huggingface_hub import HfApi; HfApi().delete_repo(sys.argv[1], missing_ok=True)"
-        run(["-c", delete, repo_id], online_env(tmp_path / "d", None, token), tmp_path)
+        run_python(["-c", delete, repo_id], online_env(tmp_path / "d", None, token), tmp_path)
 
 
 # ---- the model card that every pushed folder carries ---------------------------------------------------------------

@@ -8,8 +8,8 @@ and no recompilation once the 2-D mask's growing length has been seen once (that
 import pytest
 import torch
 from helpers_model import PAD, VOCAB, left_pad, random_ids, tiny_config, tiny_model
-from test_vision_model import multimodal, pixels
-from test_vision_model import prompt as image_prompt
+from helpers_vision import multimodal, pixels
+from helpers_vision import prompt as image_prompt
 from transformers import CompileConfig
 
 from sonett import SonettCache, SonettForCausalLM, SonettStaticCache

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_model import VOCAB, random_ids, tiny_config, tiny_model
+from helpers_remote import NO_PACKAGE_PREAMBLE, fresh_process_env
 from safetensors.torch import load_file
-from test_remote_code import NO_PACKAGE_PREAMBLE, fresh_process_env
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,

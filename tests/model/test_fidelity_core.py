@@ -13,11 +13,12 @@ import sys
 import pytest
 import torch
 from helpers_model import VOCAB, max_diff, random_ids, tiny_model
+from helpers_vision import vlm
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils.output_capturing import capture_outputs
 
-from sonett import SonettForCausalLM, SonettForConditionalGeneration, SonettModel
+from sonett import SonettForCausalLM, SonettModel
 from sonett.model.modeling_sonett import SonettPreTrainedModel
 
 KINDS = ["full_attention", "sliding_attention", "linear_attention", "memory_attention"]
@@ -33,14 +34,6 @@ def all_kinds_model(seed=0, attn_implementation=None, **overrides):
         linear_feature_dim=4,
         **overrides,
     )
-
-
-def vlm(seed=0):
-    text = tiny_model("mixed", seed=seed)
-    vision = {"hidden_size": 32, "intermediate_size": 64, "image_size": 16, "patch_size": 4}
-    return SonettForConditionalGeneration.from_text_model(
-        text, cross_attention_layers=[1], vision_config=vision, image_token_id=3
-    ).eval()
 
 
 def assert_same(a, b):

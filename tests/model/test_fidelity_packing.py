@@ -8,45 +8,14 @@ softmax layers and is refused with a clear error for the kinds that cannot read 
 
 import pytest
 import torch
-from helpers_model import max_diff, random_ids, tiny_model
+from helpers_hierarchy import hourglass_model
+from helpers_model import max_diff, random_ids
+from helpers_packing import CHUNK, LENGTHS, PACKING_MIXES, block_diagonal_4d, causal_4d, documents, pack, packing_model
+from helpers_vision import multimodal, pixels, prompt
 from torch.nn import functional as F
 from transformers import DataCollatorWithFlattening
 
 from sonett.model.linear_attention_sonett import chunk_linear_attention, recurrent_linear_attention
-
-CHUNK = 4  # linear and memory chunk size: every document spans several chunks and cuts through them
-PACKING_MIXES = {
-    "full": ["full_attention", "full_attention"],
-    "sliding": ["sliding_attention", "sliding_attention"],
-    "linear": ["linear_attention", "linear_attention"],
-    "memory": ["memory_attention", "memory_attention"],
-    "mixed": ["sliding_attention", "linear_attention", "memory_attention", "full_attention"],
-}
-LENGTHS = (9, 13, 6)  # two documents longer than the window (4), 2 * window and the chunk size
-
-
-def packing_model(mix, attn="sdpa", seed=0, **overrides):
-    layer_types = PACKING_MIXES[mix]
-    settings = {
-        "layer_types": list(layer_types),
-        "num_hidden_layers": len(layer_types),
-        "linear_chunk_size": CHUNK,
-        "linear_feature_dim": 4,
-        "memory_chunk_size": CHUNK,
-        **overrides,
-    }
-    return tiny_model("full", seed=seed, attn_implementation=attn, **settings)
-
-
-def documents(lengths=LENGTHS, seed=5):
-    return [random_ids(1, n, seed=seed + i)[0] for i, n in enumerate(lengths)]
-
-
-def pack(docs):
-    """One row: the documents back to back, positions restarting at 0 (as DataCollatorWithFlattening packs)."""
-    input_ids = torch.cat(docs)[None]
-    position_ids = torch.cat([torch.arange(len(doc)) for doc in docs])[None]
-    return input_ids, position_ids
 
 
 def assert_packed_equals_alone(model, docs, atol=1e-5, **packed_kwargs):
@@ -239,24 +208,6 @@ def test_linear_attention_forms_reset_at_document_starts(chunk_size, with_state)
 # ------------------------------------------------------------------------------------------------------------
 
 
-def causal_4d(length, as_bool, window=None, dtype=torch.float32):
-    rows, cols = torch.arange(length)[:, None], torch.arange(length)[None, :]
-    visible = cols <= rows
-    if window is not None:
-        visible &= rows - cols < window
-    if as_bool:
-        return visible[None, None]
-    return torch.zeros(1, 1, length, length, dtype=dtype).masked_fill(~visible[None, None], torch.finfo(dtype).min)
-
-
-def block_diagonal_4d(lengths, as_bool):
-    document = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
-    visible = (document[:, None] == document[None, :]) & torch.ones(len(document), len(document)).tril().bool()
-    if as_bool:
-        return visible[None, None]
-    return torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)[None, None]
-
-
 @pytest.mark.parametrize("as_bool", [False, True], ids=["float", "bool"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("mix", ["full", "sliding"])
@@ -299,7 +250,7 @@ def test_a_4d_mask_in_decoding_reads_the_cache():
 
 @pytest.mark.parametrize("mix", ["linear", "memory", "mixed"])
 def test_a_4d_mask_is_refused_for_linear_and_memory_layers(mix):
-    """A windowed mask is not block-diagonal (those are honoured: tests/test_hardening_inputs.py)."""
+    """A windowed mask is not block-diagonal (those are honoured: tests/model/test_hardening_inputs.py)."""
     model = packing_model(mix)
     ids = random_ids(1, 6)
     with pytest.raises(ValueError, match=r"linear_attention|memory_attention") as error:
@@ -315,8 +266,6 @@ def test_a_4d_mask_is_refused_for_linear_and_memory_layers(mix):
 @pytest.mark.parametrize("k", [2, 3])
 def test_packed_documents_through_an_hourglass(k):
     """Each document is shortened on its own (groups counted from its own position 0), lengths off multiples of k."""
-    from test_hierarchy import hourglass_model
-
     model = hourglass_model(k, linear_chunk_size=CHUNK, memory_chunk_size=CHUNK)
     assert_packed_equals_alone(model, documents((4 * k + 1, 3 * k, 2 * k + 2), seed=40))
     input_ids, position_ids = pack(documents((7, 10), seed=41))
@@ -326,8 +275,6 @@ def test_packed_documents_through_an_hourglass(k):
 
 
 def test_packed_documents_with_images_see_only_their_own_images():
-    from test_vision_model import multimodal, pixels, prompt
-
     _, model = multimodal()
     docs = [prompt(1, 9, markers=((1, 5),), seed=3)[0], prompt(1, 7, markers=((2,),), seed=4)[0]]
     images = pixels(1, 3)

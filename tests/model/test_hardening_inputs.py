@@ -12,9 +12,10 @@ Item 10: token ids of other dtypes than int32/int64, labels outside the vocabula
 
 import pytest
 import torch
+from helpers_hierarchy import hourglass_model
 from helpers_model import VOCAB, max_diff, random_ids, tiny_config, tiny_model
-from test_fidelity_packing import LENGTHS, block_diagonal_4d, causal_4d, documents, pack, packing_model
-from test_hierarchy import hourglass_model
+from helpers_packing import LENGTHS, block_diagonal_4d, causal_4d, documents, pack, packing_model
+from helpers_vision import vlm
 
 from sonett import SonettForSequenceClassification, SonettForTokenClassification
 
@@ -294,8 +295,6 @@ def test_labels_of_small_integer_dtypes_are_refused(dtype):
 
 
 def test_vlm_labels_outside_the_vocabulary_are_refused():
-    from test_fidelity_core import vlm
-
     model = vlm()
     ids = random_ids(1, 6)
     with pytest.raises(ValueError, match=rf"`labels` holds {VOCAB}"):

@@ -4,33 +4,14 @@ gradients; and the errors for configs and inputs a hierarchy cannot take."""
 
 import pytest
 import torch
+from helpers_hierarchy import HOURGLASS_MODEL_KINDS, hourglass_model
 from helpers_model import PAD, VOCAB, left_pad, max_diff, random_ids, tiny_config, tiny_model
 
 from sonett import SonettCache, SonettConfig, SonettForCausalLM
 from sonett.model.hierarchy_sonett import SonettHourglass
 
-# Every mixer kind both inside the shortened span (layers 1-4) and outside it.
-KINDS = [
-    "linear_attention",
-    "full_attention",
-    "sliding_attention",
-    "linear_attention",
-    "memory_attention",
-    "sliding_attention",
-    "full_attention",
-]
 FACTORS = [2, 3]
 factors = pytest.mark.parametrize("k", FACTORS)
-
-
-def hourglass_model(k, seed=0, pooling="linear", upsampling="repeat", **overrides):
-    """A tiny hourglass model whose upsampling (zero in a new model) is randomised, so the shortened path counts."""
-    hierarchy = {"shorten_factor": k, "start_layer": 1, "end_layer": 5, "pooling": pooling, "upsampling": upsampling}
-    kwargs = {"layer_types": KINDS, "num_hidden_layers": len(KINDS), "linear_feature_dim": 4, "hierarchy": hierarchy}
-    model = tiny_model("full", seed=seed, **{**kwargs, **overrides})
-    with torch.no_grad():
-        model.model.hourglass.upsample_proj.weight.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(seed))
-    return model
 
 
 def lengths(k):
@@ -84,12 +65,20 @@ def test_a_new_hourglass_starts_as_its_full_length_layers_alone():
     hierarchy = {"shorten_factor": 2, "start_layer": 1, "end_layer": 5}
     torch.manual_seed(0)
     model = SonettForCausalLM(
-        tiny_config("full", layer_types=KINDS, num_hidden_layers=len(KINDS), linear_feature_dim=4, hierarchy=hierarchy)
+        tiny_config(
+            "full",
+            layer_types=HOURGLASS_MODEL_KINDS,
+            num_hidden_layers=len(HOURGLASS_MODEL_KINDS),
+            linear_feature_dim=4,
+            hierarchy=hierarchy,
+        )
     ).eval()
     assert torch.count_nonzero(model.model.hourglass.upsample_proj.weight) == 0
     outside = [0, 5, 6]
     flat = SonettForCausalLM(
-        tiny_config("full", layer_types=[KINDS[i] for i in outside], num_hidden_layers=3, linear_feature_dim=4)
+        tiny_config(
+            "full", layer_types=[HOURGLASS_MODEL_KINDS[i] for i in outside], num_hidden_layers=3, linear_feature_dim=4
+        )
     ).eval()
     renamed = {f"model.layers.{old}.": f"model.layers.{new}." for new, old in enumerate(outside)}
     state = {}
@@ -266,7 +255,9 @@ def test_cache_file_continues_the_sequence_in_a_new_cache(tmp_path):
 
 
 def test_cache_file_of_a_flat_model_does_not_load_into_an_hourglass_model(tmp_path):
-    flat = tiny_model("full", layer_types=KINDS, num_hidden_layers=len(KINDS), linear_feature_dim=4)
+    flat = tiny_model(
+        "full", layer_types=HOURGLASS_MODEL_KINDS, num_hidden_layers=len(HOURGLASS_MODEL_KINDS), linear_feature_dim=4
+    )
     with torch.no_grad():
         cache = flat(random_ids(1, 6), use_cache=True).cache
     cache.save(tmp_path / "flat.safetensors")
@@ -308,7 +299,7 @@ def test_hidden_states_hold_the_shortened_sequence_inside_the_span():
     with torch.no_grad():
         out = model(random_ids(1, 9), output_hidden_states=True)
     shapes = [tuple(h.shape[1:2]) for h in out.hidden_states]
-    assert len(shapes) == len(KINDS) + 1
+    assert len(shapes) == len(HOURGLASS_MODEL_KINDS) + 1
     assert shapes == [(9,)] + [(5,)] * 4 + [(9,)] * 3  # positions 0..8 form groups 0..4
 
 
@@ -405,7 +396,7 @@ def test_a_cache_without_hourglass_state_is_refused():
 
 
 def test_a_prepared_4d_mask_is_refused():
-    """A bidirectional mask; block-diagonal causal ones are honoured (tests/test_hardening_inputs.py)."""
+    """A bidirectional mask; block-diagonal causal ones are honoured (tests/model/test_hardening_inputs.py)."""
     model = hourglass_model(2)
     mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="hierarchy.*block-diagonal causal"):

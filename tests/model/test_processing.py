@@ -10,9 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from helpers_remote import NO_PACKAGE_PREAMBLE, fresh_process_env
 from PIL import Image
 from safetensors.torch import load_file
-from test_remote_code import NO_PACKAGE_PREAMBLE, fresh_process_env
 from transformers import AutoProcessor
 
 from sonett import SonettImageProcessor, SonettProcessor

@@ -227,7 +227,7 @@ def encoded_images(draw, formats: list[str] = ENCODINGS):
     """(bytes / BytesIO / data URI, must_succeed): a random image in a common format, sometimes damaged.
 
     Only undamaged images in one of `ALLOWED_IMAGE_FORMATS` must succeed (the others are refused: see
-    tests/test_hardening_images.py)."""
+    tests/model/test_hardening_images.py)."""
     fmt = draw(st.sampled_from(formats))
     mode = "RGB" if fmt in ("JPEG", "PPM", "BMP") else draw(st.sampled_from(["RGB", "RGBA", "L", "P"]))
     size = (draw(st.integers(1, 64)), draw(st.integers(1, 64)))

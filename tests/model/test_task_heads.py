@@ -19,9 +19,9 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers_model import PAD, max_diff, random_ids, tiny_config
+from helpers_remote import EVERY_KIND, HOURGLASS_KINDS, NO_PACKAGE_PREAMBLE, fresh_process_env
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from test_remote_code import EVERY_KIND, HOURGLASS_KINDS, NO_PACKAGE_PREAMBLE, fresh_process_env
 from torch.nn import functional as F
 from transformers import (
     AutoModelForQuestionAnswering,

@@ -7,43 +7,13 @@ import textwrap
 
 import pytest
 import torch
-from helpers_model import PAD, max_diff, random_ids, tiny_model
+from helpers_model import PAD, max_diff, random_ids
+from helpers_remote import NO_PACKAGE_PREAMBLE, fresh_process_env
+from helpers_vision import IMAGE, VISION, multimodal, pixels, prompt
 from safetensors.torch import load_file
-from test_remote_code import NO_PACKAGE_PREAMBLE, fresh_process_env
 from transformers import AutoModelForImageTextToText
 
 from sonett import SonettCache, SonettConfig, SonettForConditionalGeneration
-
-IMAGE = 3
-VISION = {"hidden_size": 32, "intermediate_size": 64, "image_size": 16, "patch_size": 4}
-CROSS_LAYERS = [0, 2]
-
-
-def multimodal(seed=0, open_gates=True, **vision):
-    """A tiny multimodal model built from a text model; gates opened so the images count."""
-    text = tiny_model("mixed", seed=seed)
-    model = SonettForConditionalGeneration.from_text_model(
-        text, cross_attention_layers=CROSS_LAYERS, vision_config={**VISION, **vision}, image_token_id=IMAGE
-    ).eval()
-    if open_gates:
-        with torch.no_grad():
-            for block in model.model.cross_attention_blocks.values():
-                block.attn_gate.fill_(1.0)
-                block.mlp_gate.fill_(1.0)
-    return text, model
-
-
-def prompt(batch=2, length=10, markers=((2, 6), (2, 7)), seed=1):
-    """Token ids with image markers at the given positions per row."""
-    ids = random_ids(batch, length, seed=seed, low=6)
-    for row, positions in enumerate(markers):
-        for position in positions:
-            ids[row, position] = IMAGE
-    return ids
-
-
-def pixels(batch=2, images=2, seed=2):
-    return torch.randn(batch, images, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
 def test_closed_gates_give_exactly_the_text_model_logits():

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers_training import MICRO_PRESET, write_micro_run_files
 from safetensors.torch import load_file
-from test_training import MICRO_PRESET, write_micro_run_files
 from transformers import get_cosine_schedule_with_warmup
 
 import sonett.training.checkpointing as checkpointing

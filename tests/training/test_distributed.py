@@ -13,8 +13,8 @@ import torch
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DistributedType
+from helpers_training import write_micro_run_files
 from safetensors.torch import load_file
-from test_training import write_micro_run_files
 
 import sonett.model.modeling_sonett as modeling_sonett
 from sonett.model.modeling_sonett import SonettForCausalLM

@@ -3,7 +3,7 @@ answer-only labels, training lowers the validation loss, DESIGN invariant 8 (ada
 identical logits, the merged folder through remote code in a fresh process), the target preset reaches every mixer
 kind and the cross-attention blocks, DoRA, the embedded instruction set, and the errors for bad input.
 
-Invariant 7 (Trainer gradient accumulation equals one big batch) is tested in test_modeling.py."""
+Invariant 7 (Trainer gradient accumulation equals one big batch) is tested in tests/model/test_modeling.py."""
 
 import importlib
 import importlib.util
@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_model import max_diff
+from helpers_remote import EVERY_KIND, NO_PACKAGE_PREAMBLE, fresh_process_env
+from helpers_training import MIXER_PROJECTIONS, MLP_PROJECTIONS, every_kind_config
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
-from test_remote_code import NO_PACKAGE_PREAMBLE, fresh_process_env
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-from sonett import SonettConfig, SonettForCausalLM, SonettForConditionalGeneration
+from sonett import SonettForCausalLM, SonettForConditionalGeneration
 from sonett.data.instructions import default_instruction_splits, instruction_records
 from sonett.data.tokenizer import train_bpe_tokenizer
 from sonett.training.finetuning import (
@@ -43,14 +44,6 @@ from sonett.training.finetuning import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-EVERY_KIND = ["linear_attention", "sliding_attention", "memory_attention", "full_attention"]
-MIXER_PROJECTIONS = {
-    "linear_attention": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"},
-    "sliding_attention": {"q_proj", "k_proj", "v_proj", "o_proj"},
-    "memory_attention": {"q_proj", "k_proj", "v_proj", "o_proj"},
-    "full_attention": {"q_proj", "k_proj", "v_proj", "o_proj"},
-}
-MLP_PROJECTIONS = {"gate_proj", "up_proj", "down_proj"}
 CHAT = [
     {"role": "system", "content": "Answer briefly."},
     {"role": "user", "content": "What is 7 + 5?"},
@@ -60,25 +53,6 @@ CHAT = [
 ]
 
 
-def tiny_config(tokenizer, **overrides):
-    values = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": len(EVERY_KIND),
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "layer_types": list(EVERY_KIND),
-        "sliding_window": 8,
-        "linear_feature_dim": 4,
-        "initializer_range": 0.2,  # embeddings large enough that a frozen output layer can express confident logits
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    return SonettConfig(**{**values, **overrides})
-
-
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
     """A tiny Sonett with every mixer kind and a small BPE tokenizer trained on the embedded instruction set."""
@@ -86,7 +60,7 @@ def base_folder(tmp_path_factory):
     texts = [" ".join((r["instruction"], r["input"], r["output"])) for r in instruction_records()]
     tokenizer = train_bpe_tokenizer(["system user assistant"] * 5 + texts, vocab_size=512, min_frequency=2)
     torch.manual_seed(0)
-    SonettForCausalLM(tiny_config(tokenizer)).save_pretrained(folder)
+    SonettForCausalLM(every_kind_config(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -335,7 +309,7 @@ def test_dora_trains_and_its_adapter_reloads_identically(base_folder, tmp_path):
 def test_preset_targets_every_mixer_kind_and_the_cross_attention_blocks(base_folder):
     tokenizer = AutoTokenizer.from_pretrained(base_folder, trust_remote_code=True)
     torch.manual_seed(0)
-    text = SonettForCausalLM(tiny_config(tokenizer))
+    text = SonettForCausalLM(every_kind_config(tokenizer))
     vision = {"hidden_size": 32, "intermediate_size": 64, "image_size": 16, "patch_size": 4}
     model = SonettForConditionalGeneration.from_text_model(text, [0, 2], vision_config=vision, image_token_id=3)
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=LORA_TARGET_MODULES))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from datasets import Dataset
-from test_training import write_micro_run_files
+from helpers_training import write_micro_run_files
 from tokenizers import normalizers
 
 import sonett.data.corpus as data_module

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import is_tensorboard_available
+from helpers_training import MICRO_PRESET, write_micro_run_files
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -182,49 +183,6 @@ def test_pretrain_on_local_jsonl_with_another_text_column(tmp_path):
 
 
 # --- resumable checkpoints, trackers, streaming, input checks -------------------------------------------------
-
-MICRO_PRESET = {
-    "_comment": "a very small model of every layer kind, for fast loop tests",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 128,
-    "sliding_window": 8,
-    "layer_types": ["linear_attention", "sliding_attention", "memory_attention", "full_attention"],
-    "linear_feature_dim": 4,
-    "linear_chunk_size": 16,
-    "memory_chunk_size": 16,
-}
-
-
-def write_micro_run_files(folder: Path, documents: int = 60) -> dict:
-    """A micro preset and a small text corpus in `folder`; returns the PretrainArguments fields that use them.
-
-    With these settings an epoch is 5 micro-batches of 4 blocks, so with 2 accumulation steps each epoch ends
-    with a one-micro-batch optimizer step.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    preset = folder / "micro.json"
-    preset.write_text(json.dumps(MICRO_PRESET))
-    corpus = folder / "corpus.txt"
-    corpus.write_text(
-        "\n".join(f"def step_{i}(value): return value * {i % 7} + {i % 5}  # {'x' * (i % 4)}" for i in range(documents))
-        + "\n"
-    )
-    return dict(
-        config=str(preset),
-        data_files=[str(corpus)],
-        vocab_size=300,
-        block_size=32,
-        batch_size=4,
-        warmup_steps=2,
-        learning_rate=1e-2,
-        validation_fraction=0.2,
-        eval_blocks=5,
-        report_to="none",
-    )
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

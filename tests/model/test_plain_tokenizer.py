@@ -14,8 +14,8 @@ import textwrap
 import pytest
 import torch
 from helpers_chat import bigram_chat_model, chat_tokenizer, save_chat_folder
+from helpers_remote import NO_PACKAGE_PREAMBLE, fresh_process_env
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from test_remote_code import NO_PACKAGE_PREAMBLE, fresh_process_env
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 
 from sonett import (

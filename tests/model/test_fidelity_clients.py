@@ -19,11 +19,11 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers_model import max_diff
+from helpers_remote import EVERY_KIND, NO_PACKAGE_PREAMBLE, fresh_process_env
+from helpers_training import MIXER_PROJECTIONS, MLP_PROJECTIONS, every_kind_config
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from test_finetune import EVERY_KIND, MIXER_PROJECTIONS, MLP_PROJECTIONS, tiny_config
-from test_remote_code import NO_PACKAGE_PREAMBLE, fresh_process_env
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -68,7 +68,7 @@ def folder(tokenizer, tmp_path_factory):
     """A saved tiny Sonett with every mixer kind (and an hourglass over layers 1-2), with the project's tokenizer."""
     path = tmp_path_factory.mktemp("sonett_clients")
     torch.manual_seed(0)
-    model = SonettForCausalLM(tiny_config(tokenizer, hierarchy=HIERARCHY))
+    model = SonettForCausalLM(every_kind_config(tokenizer, hierarchy=HIERARCHY))
     with torch.no_grad():  # a new hourglass adds nothing (zero upsampling); make the shortened path count
         model.model.hourglass.upsample_proj.weight.normal_(0.0, 0.2)
     model.save_pretrained(path)

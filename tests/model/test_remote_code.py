@@ -2,7 +2,6 @@
 process where the `sonett` package cannot be imported (remote code, `trust_remote_code=True`)."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import textwrap
 import pytest
 import torch
 from helpers_model import PAD, random_ids, tiny_model
+from helpers_remote import EVERY_KIND, HOURGLASS_KINDS, NO_PACKAGE_PREAMBLE, fresh_process_env
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -27,33 +27,9 @@ REMOTE_FILES = (
     "hierarchy_sonett.py",
     "peft_sonett.py",
 )
-EVERY_KIND = ["linear_attention", "sliding_attention", "memory_attention", "full_attention"]
-HOURGLASS_KINDS = [
-    "linear_attention",
-    "full_attention",
-    "linear_attention",
-    "sliding_attention",
-    "memory_attention",
-    "linear_attention",
-]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 NEW_TOKENS = 8
 ABSOLUTE_IMPORT = re.compile(r"^\s*(from\s+sonett\b|import\s+sonett\b)", re.MULTILINE)
-
-# Opens every fresh-interpreter script: the package must not be importable, so everything comes from the folder.
-NO_PACKAGE_PREAMBLE = textwrap.dedent(
-    """
-    import sys
-
-    sys.modules["sonett"] = None
-    try:
-        import sonett  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("sonett is importable")
-    """
-)
 
 # Runs in a fresh interpreter: argv = model folder, output file, optional folder to re-save into.
 REMOTE_SCRIPT = NO_PACKAGE_PREAMBLE + textwrap.dedent(
@@ -88,18 +64,6 @@ REMOTE_SCRIPT = NO_PACKAGE_PREAMBLE + textwrap.dedent(
         model.save_pretrained(resave)
     """
 )
-
-
-def fresh_process_env(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_MODULES_CACHE")}
-    env.update(
-        HF_HOME=str(tmp_path / "hf"),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    return env
 
 
 def run_fresh(tmp_path, folder, ids, name, resave=None):
