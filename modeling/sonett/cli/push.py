@@ -1,7 +1,7 @@
 """Upload a saved Sonett folder to the Hugging Face Hub (or list what would be uploaded with --dry-run).
 
-    python scripts/push_to_hub.py runs/sonett-tiny your-name/sonett-tiny --private
-    python scripts/push_to_hub.py runs/sonett-tiny your-name/sonett-tiny --revision experiment --dry-run
+    sonett push runs/sonett-tiny your-name/sonett-tiny --private
+    sonett push runs/sonett-tiny your-name/sonett-tiny --revision experiment --dry-run
 
 The token comes from HF_TOKEN or the saved `hf auth login`; HF_ENDPOINT selects another Hub. The folder is checked
 first (config, finished safetensors weights, remote-code files, model card) and refused with the fix if incomplete.
@@ -19,17 +19,23 @@ import sys
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import logging as hf_logging
 
+from sonett.cli.parsing import argument_parser
 from sonett.hub.upload import FolderNotReadyError, NoHubTokenError, format_size, push_folder_to_hub
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `sonett push`."""
+    parser = argument_parser("push", __doc__)
     parser.add_argument("folder", help="the folder that training (or save_pretrained) wrote")
     parser.add_argument("repo_id", help="owner/name on the Hub (or name, for your own namespace)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", default=None, help="branch to commit to; created from main if missing")
-    parser.add_argument("--commit-message", default=None, help="commit title (default: 'Upload <folder name>')")
-    parser.add_argument("--dry-run", action="store_true", help="check the folder and list the files; no network")
+    parser.add_argument(
+        "--commit_message", "--commit-message", default=None, help="commit title (default: 'Upload <folder name>')"
+    )
+    parser.add_argument(
+        "--dry_run", "--dry-run", action="store_true", help="check the folder and list the files; no network"
+    )
     parser.add_argument(
         "--allow_extra_files",
         "--allow-extra-files",
@@ -46,7 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="upload *_sonett.py files that differ from the installed sonett package (code your users will run)",
     )
     parser.add_argument("--verbose", action="store_true", help="log huggingface_hub's progress")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
