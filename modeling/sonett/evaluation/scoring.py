@@ -37,7 +37,7 @@ TASKS = ("lm", "mqar", "passkey")
 
 @dataclass
 class EvaluationArguments:
-    """Settings of one evaluation; every field is also a `scripts/evaluate.py` flag."""
+    """Settings of one evaluation; every field is also a `sonett evaluate` flag."""
 
     model: str = field(
         default="runs/sonett-tiny", metadata={"help": "the model folder (or Hub id) to score; any AutoModelForCausalLM"}

@@ -60,7 +60,7 @@ NEW_PARTS = ("vision_model.", "multi_modal_projector.", "model.cross_attention_b
 
 @dataclass
 class VisionArguments:
-    """Settings of one vision fine-tuning run; every field is also a `scripts/train.py vision` flag."""
+    """Settings of one vision fine-tuning run; every field is also a `sonett train vision` flag."""
 
     text_model: str = field(
         default="runs/sonett-tiny",
