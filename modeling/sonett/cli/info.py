@@ -136,6 +136,8 @@ def describe(target: str, kind: str, info: dict) -> str:
         f"decode state (batch 1, {state['dtype']}): Sonett beside an equal-size Llama "
         f"({llama['parameters']:,} parameters, {matched})"
     )
+    if parameters["vision"]:
+        lines.append("  (text tokens; each image adds its cross-attention keys and values; Llama: the text model)")
     lines.append(f"  {'':<18}{'Sonett':>14}  {'Llama':>14}")
     lines.append(f"  {'per token':<18}{human(state['per_token_bytes']):>14}  {human(llama['per_token_bytes']):>14}")
     lines.append(f"  {'constant':<18}{human(state['constant_bytes']):>14}  {human(llama['constant_bytes']):>14}")
