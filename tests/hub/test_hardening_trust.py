@@ -180,7 +180,7 @@ def _stability_script(folder: Path) -> None:
 
 
 def _finetune_samples(folder: Path) -> None:
-    from sonett.cli.finetune import show_samples
+    from sonett.cli.finetune import show_samples  # `sonett finetune` (scripts/finetune.py is its wrapper)
 
     show_samples(str(folder), validation=None)
 

@@ -27,11 +27,13 @@ from pathlib import Path
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import logging as hf_logging
 
+from sonett.cli.parsing import argument_parser
 from sonett.hub.upload import CARD_FILE, FolderNotReadyError, NoHubTokenError, format_size, push_folder_to_hub
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `sonett push`."""
+    parser = argument_parser("push", __doc__)
     parser.add_argument(
         "folder",
         help="a folder save_pretrained (or training) wrote: a text or vision model, a merged fine-tune, or a PEFT "
@@ -40,10 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("repo_id", help="owner/name on the Hub (or name, for your own namespace)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", default=None, help="branch to commit to; created from main if missing")
-    parser.add_argument("--commit-message", default=None, help="commit title (default: 'Upload <folder name>')")
     parser.add_argument(
-        "--dry-run",
+        "--commit_message", "--commit-message", default=None, help="commit title (default: 'Upload <folder name>')"
+    )
+    parser.add_argument(
         "--dry_run",
+        "--dry-run",
         action="store_true",
         help="check the folder, list the files and write the model card as it would upload to a temporary file; "
         "uploads nothing and needs no token",
@@ -73,7 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="upload *_sonett.py files that differ from the installed sonett package (code your users will run)",
     )
     parser.add_argument("--verbose", action="store_true", help="log huggingface_hub's progress")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
