@@ -25,9 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from transformers import DynamicCache
+
+from sonett.extras import requires_extra
+
+with requires_extra("eval"):
+    import psutil
 
 
 def build_models(preset: str):
@@ -106,7 +110,8 @@ def run_worker(model_name: str, args: argparse.Namespace, context: int) -> dict:
 
 
 def plot(rows: list[dict], path: Path, preset: str) -> None:
-    import matplotlib
+    with requires_extra("eval"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
