@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import venv
 import zipfile
 from pathlib import Path
@@ -65,6 +66,7 @@ def clean_env() -> dict[str, str]:
 def pip_install(python: Path, *requirements: str) -> None:
     """`pip install -c constraints.txt REQUIREMENTS` into the venv of `python`, with this venv's pip."""
     command = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-compile"]
+    started = time.perf_counter()
     result = subprocess.run(
         [*command, "-c", str(CONSTRAINTS), *requirements],
         capture_output=True,
@@ -73,6 +75,7 @@ def pip_install(python: Path, *requirements: str) -> None:
         timeout=INSTALL_TIMEOUT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(f"pip install {' '.join(requirements)}: {time.perf_counter() - started:.0f} s")  # shown with pytest -s
 
 
 def run(args: list, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -213,7 +216,8 @@ def test_core_install_loads_and_generates_and_names_the_missing_extra(core_venv,
     assert result["absent"] == ["accelerate", "datasets", "PIL", "peft", "sklearn"]
     assert 'pip install "sonett[vision]"' in result["vision_error"]
 
-    assert run([sonett, "--help"], cwd=tmp_path).returncode == 0
+    chat = run([sonett, "chat", "--help"], cwd=tmp_path)  # an inference command runs on the core install
+    assert chat.returncode == 0 and "usage" in chat.stdout, chat.stderr[-2000:]
     train = run([sonett, "train", "--help"], cwd=tmp_path)
     assert train.returncode == 1
     assert 'pip install "sonett[train]"' in train.stderr and "Traceback" not in train.stderr, train.stderr[-2000:]
@@ -223,7 +227,9 @@ def test_train_extra_trains_a_preset_by_name_into_a_folder_that_loads_as_remote_
     python = core_venv / "bin" / "python"
     pip_install(python, f"sonett[train] @ {wheel.as_uri()}")
     output = tmp_path / "tiny"
+    started = time.perf_counter()
     trained = run([core_venv / "bin" / "sonett", "train", *TRAIN_FLAGS, "--output_dir", output], cwd=tmp_path)
+    print(f"sonett train: {time.perf_counter() - started:.0f} s")
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
     assert "validation loss" in trained.stdout
     assert not (tmp_path / "runs").exists()  # written where asked, nowhere else
