@@ -27,6 +27,7 @@ from sonett.evaluation.comparison import (
     compare_passkey,
 )
 from sonett.evaluation.mqar import MQAR_GRID
+from sonett.extras import requires_extra
 from sonett.hub.loading import load_tokenizer
 from sonett.hub.saving import add_quality_results
 from sonett.training.pretraining import PretrainArguments
@@ -35,7 +36,8 @@ LM_OUTPUT_DIR = "runs/compare-lm"
 
 
 def _pyplot():
-    import matplotlib
+    with requires_extra("train"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -31,6 +31,7 @@ from sonett.evaluation.scoring import (
     evaluate_mqar,
     evaluate_passkey,
 )
+from sonett.extras import requires_extra
 
 LOSS_PLOT = "loss_by_position.png"
 HISTOGRAM_PLOT = "block_perplexity.png"
@@ -38,7 +39,8 @@ HISTOGRAM_PLOT = "block_perplexity.png"
 
 def plot_position_loss(results: dict, path: Path) -> None:
     """Mean next-token loss against how many tokens of the block the model has seen."""
-    import matplotlib
+    with requires_extra("eval"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -58,7 +60,8 @@ def plot_position_loss(results: dict, path: Path) -> None:
 
 def plot_block_perplexity(results: dict, path: Path) -> None:
     """Histogram of the perplexity of each block, with the corpus perplexity marked."""
-    import matplotlib
+    with requires_extra("eval"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

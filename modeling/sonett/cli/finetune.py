@@ -21,6 +21,7 @@ import torch
 from transformers import TrainingArguments
 
 from sonett.cli.parsing import dataclass_parser
+from sonett.extras import requires_extra
 from sonett.hub.loading import load_tokenizer
 from sonett.training.finetuning import TRAINING_DEFAULTS, FinetuneArguments, finetune, load_splits
 
@@ -29,7 +30,8 @@ SAMPLES = 4
 
 def show_samples(adapter_dir: str, validation, count: int = SAMPLES) -> None:
     """Reload the adapter through `AutoPeftModelForCausalLM` and answer a few validation prompts greedily."""
-    from peft import AutoPeftModelForCausalLM
+    with requires_extra("train"):
+        from peft import AutoPeftModelForCausalLM
 
     tokenizer = load_tokenizer(adapter_dir)  # no code of the folder runs (sonett.hub.loading)
     model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, trust_remote_code=False).eval()

@@ -30,6 +30,7 @@ import time
 import torch
 
 from sonett.cli.parsing import dataclass_parser, spellings
+from sonett.extras import requires_extra
 from sonett.hub.loading import load_model, load_tokenizer
 from sonett.training.pretraining import (
     CHECKPOINTS_DIR,
@@ -81,7 +82,8 @@ def generate_sample(folder: str, prompt: str = SAMPLE_PROMPT, max_new_tokens: in
 
 def plot_samples(samples: list[dict], path: str) -> None:
     """A grid of held-out images with the question, the model's answer and whether it is right."""
-    import matplotlib
+    with requires_extra("train"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -57,7 +57,10 @@ def measure(model_name: str, preset: str, context: int, decode_tokens: int, pref
     through their caches). Decode: mean milliseconds per greedy token over `decode_tokens` tokens, after two
     warm-up tokens. Returns the row of the table: prefill_s, peak_mb, decode_ms, cache_mb, parameters.
     """
-    import psutil
+    from sonett.extras import requires_extra
+
+    with requires_extra("eval"):
+        import psutil
 
     if model_name not in MODELS:
         raise ValueError(f"model_name must be one of {MODELS}, got {model_name!r}.")

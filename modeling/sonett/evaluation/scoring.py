@@ -16,11 +16,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import evaluate
 import torch
-from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sonett.extras import requires_extra
+
+with requires_extra("eval"):
+    import evaluate
+    from datasets import Dataset
 
 from sonett.data.corpus import load_corpus, pack_into_blocks, split_by_document
 from sonett.evaluation.mqar import MQAR_GRID, mqar_batch, recall_predictions

@@ -28,9 +28,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, is_tensorboard_available, set_seed
-from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
@@ -39,6 +36,13 @@ from transformers import (
     PreTrainedTokenizerBase,
     get_cosine_schedule_with_warmup,
 )
+
+from sonett.extras import requires_extra
+
+with requires_extra("train"):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, ProjectConfiguration, is_tensorboard_available, set_seed
+    from datasets import Dataset
 
 from sonett.data.corpus import (
     Corpus,

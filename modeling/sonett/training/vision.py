@@ -20,11 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
+
+from sonett.extras import requires_extra
+
+with requires_extra("train"):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+with requires_extra("vision"):
+    from PIL import Image
 
 from sonett.data.images import (
     CAPTION_QUESTION,
@@ -245,7 +250,8 @@ def add_text_lora(model: SonettForConditionalGeneration, rank: int, trainable_to
     layer): the chat template's special tokens, which a model pretrained on plain text has never seen. Frozen at
     their initial values, `<|end|>` stays unlearnable and its constant loss and gradient crowd out the rest.
     """
-    from peft import LoraConfig, get_peft_model
+    with requires_extra("train"):
+        from peft import LoraConfig, get_peft_model
 
     targets = r"model\.layers\.\d+\.(mixer|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     tokens = {"embed_tokens": list(trainable_token_ids)} if trainable_token_ids else None
