@@ -2,6 +2,8 @@
 
 Importing the package registers Sonett with the transformers Auto classes, and marks each class for
 remote code so that `save_pretrained` writes a folder that loads with `trust_remote_code=True` anywhere.
+The image processor and processor need Pillow (`pip install "sonett[vision]"`); without it the text models still
+import, and naming one of them raises `MissingExtraError` with that command.
 """
 
 from transformers import (
@@ -17,10 +19,11 @@ from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import is_vision_available
 
+from .extras import missing_extra_error
 from .model.cache_sonett import SonettCache, SonettStaticCache
 from .model.configuration_sonett import LAYER_KINDS, SonettConfig, SonettVisionConfig
-from .model.image_processing_sonett import SonettImageProcessor
 from .model.modeling_sonett import (
     SonettForCausalLM,
     SonettForConditionalGeneration,
@@ -30,7 +33,6 @@ from .model.modeling_sonett import (
     SonettModel,
     SonettPreTrainedModel,
 )
-from .model.processing_sonett import SonettProcessor
 
 __version__ = "0.1.0"
 
@@ -42,8 +44,12 @@ AutoModelForSequenceClassification.register(SonettConfig, SonettForSequenceClass
 AutoModelForTokenClassification.register(SonettConfig, SonettForTokenClassification, exist_ok=True)
 AutoModelForQuestionAnswering.register(SonettConfig, SonettForQuestionAnswering, exist_ok=True)
 AutoTokenizer.register(SonettConfig, tokenizer_class=PreTrainedTokenizerFast, exist_ok=True)
-AutoImageProcessor.register(SonettConfig, image_processor_classes={"pil": SonettImageProcessor}, exist_ok=True)
-AutoProcessor.register(SonettConfig, SonettProcessor, exist_ok=True)
+if is_vision_available():  # Pillow: the `vision` extra
+    from .model.image_processing_sonett import SonettImageProcessor
+    from .model.processing_sonett import SonettProcessor
+
+    AutoImageProcessor.register(SonettConfig, image_processor_classes={"pil": SonettImageProcessor}, exist_ok=True)
+    AutoProcessor.register(SonettConfig, SonettProcessor, exist_ok=True)
 
 SonettConfig.register_for_auto_class()
 SonettModel.register_for_auto_class("AutoModel")
@@ -52,6 +58,16 @@ SonettForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToT
 SonettForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 SonettForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
 SonettForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
+
+_VISION_CLASSES = ("SonettImageProcessor", "SonettProcessor")
+
+
+def __getattr__(name: str):
+    """`sonett.SonettProcessor` without Pillow: the error names `pip install "sonett[vision]"`."""
+    if name in _VISION_CLASSES:
+        raise missing_extra_error("PIL", "vision")
+    raise AttributeError(f"module 'sonett' has no attribute {name!r}")
+
 
 __all__ = [
     "LAYER_KINDS",

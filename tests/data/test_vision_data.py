@@ -1,15 +1,16 @@
 """Embedded vision data: shapes answers re-derived from pixels, digits split, held-out disjointness, chat format."""
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.datasets import load_digits
 
 from sonett.data.images import (
     COLOURS,
     DIGIT_NAMES,
+    DIGITS_FILE,
     SHAPES_ANSWERS,
     SHAPES_TEST_SEED,
     SHAPES_TRAIN_SEED,
@@ -38,6 +39,12 @@ def shapes_test():
 @pytest.fixture(scope="module")
 def digits():
     return digits_examples("train"), digits_examples("test")
+
+
+def load_digits():
+    """The shipped digits as scikit-learn's `load_digits()` gives them (equal: tests/data/test_digits_data.py)."""
+    with np.load(DIGITS_FILE) as data:
+        return SimpleNamespace(images=data["images"].astype(np.float64), target=data["targets"].astype(np.int64))
 
 
 def pixels(image):

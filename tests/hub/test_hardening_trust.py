@@ -180,8 +180,9 @@ def _stability_script(folder: Path) -> None:
 
 
 def _finetune_samples(folder: Path) -> None:
-    script = runpy.run_path(str(ROOT / "scripts" / "finetune.py"))
-    script["show_samples"](str(folder), validation=None)
+    from sonett.cli.finetune import show_samples  # `sonett finetune` (scripts/finetune.py is its wrapper)
+
+    show_samples(str(folder), validation=None)
 
 
 def _passkey(folder: Path) -> None:

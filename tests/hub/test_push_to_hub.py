@@ -264,12 +264,12 @@ def test_dry_run_lists_the_files_and_sends_nothing(models, tmp_path):
 
 def test_the_script_refuses_a_broken_folder_with_its_fix(models, tmp_path):
     folder = shutil.copytree(models["v1"]["folder"], tmp_path / "broken")
-    (folder / "README.md").unlink()
+    (folder / "config.json").unlink()
     result = run_python(
         [str(PUSH_SCRIPT), str(folder), REPO], online_env(tmp_path / "home", "http://127.0.0.1:9", TOKEN), tmp_path
     )
     assert result.returncode == 1
-    assert "error: Cannot upload" in result.stderr and "No model card" in result.stderr
+    assert "error: Cannot upload" in result.stderr and "config.json is missing" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -390,8 +390,10 @@ def break_no_auto_map(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
-def break_missing_card(folder: Path) -> None:
-    (folder / "README.md").unlink()
+def break_card_naming_a_local_base(folder: Path) -> None:
+    # (a missing card is no longer a problem: the push generates one, tests/hub/test_push_anything.py)
+    card = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(card.replace("---\n", f"---\nbase_model: {folder.parent}/base\n", 1))
 
 
 def break_missing_shard(folder: Path) -> None:
@@ -410,7 +412,7 @@ def break_missing_shard(folder: Path) -> None:
         (break_missing_auto_map_module, "modeling_sonett.py is missing but config.json auto_map", "import sonett"),
         (break_missing_imported_module, "cache_sonett.py is missing but", "import sonett"),
         (break_no_auto_map, "config.json has no auto_map", "import sonett"),
-        (break_missing_card, "No model card: README.md is missing", "write_model_folder"),
+        (break_card_naming_a_local_base, "metadata names its base model by a local path", "--base_model OWNER/NAME"),
         (break_missing_shard, "names the shard model-00002-of-00002.safetensors, which is missing", "save the model"),
     ],
 )

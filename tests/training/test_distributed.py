@@ -36,7 +36,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
     one = pretrain(PretrainArguments(output_dir=str(tmp_path / "one"), cpu=True, **{**run, "batch_size": 4}))
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG)]
-    command += [str(ROOT / "scripts" / "train.py"), "--cpu", "--output_dir", str(tmp_path / "two")]
+    # `-m sonett train`: the command as installed (accelerate's --module); scripts/train.py runs the same main
+    command += ["-m", "sonett", "train", "--cpu", "--output_dir", str(tmp_path / "two")]
     for key, value in {**run, "batch_size": 2}.items():
         command += [f"--{key}", *(value if isinstance(value, list) else [str(value)])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

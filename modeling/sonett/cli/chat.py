@@ -1,6 +1,6 @@
 """Chat with a Sonett model in the terminal; `--memory FILE` keeps the conversation across processes.
 
-    python scripts/chat.py runs/sonett-tiny --memory runs/chat-memory.safetensors
+    sonett chat runs/sonett-tiny --memory runs/chat-memory.safetensors
 
 Each turn feeds only its own tokens to the model on top of the saved decoding state (`SonettCache`), and
 the state is written back after every reply, so a later run continues where this one stopped without
@@ -18,24 +18,38 @@ from pathlib import Path
 
 import torch
 
+from sonett.cli.parsing import argument_parser, spellings
 from sonett.hub.loading import load_model, load_tokenizer
 from sonett.inference.conversation import Conversation, ConversationFullError, check_sampling
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `sonett chat`."""
+    parser = argument_parser("chat", __doc__)
     parser.add_argument("model", help="a Sonett model folder or Hub id")
-    parser.add_argument("--memory", type=Path, default=None, help="safetensors file holding the conversation state")
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top_p", type=float, default=0.9)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--revision", default=None, help="pin a Hub commit")
     parser.add_argument(
-        "--memory_from_other_model",
+        *spellings("memory"), type=Path, default=None, help="safetensors file holding the conversation state"
+    )
+    parser.add_argument(*spellings("max_new_tokens"), type=int, default=128, help="most tokens of one reply")
+    parser.add_argument(*spellings("temperature"), type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    parser.add_argument(
+        *spellings("top_p"),
+        type=float,
+        default=0.9,
+        help="nucleus sampling: keep the most likely tokens up to this mass",
+    )
+    parser.add_argument(*spellings("seed"), type=int, default=0, help="seed of the sampling")
+    parser.add_argument(*spellings("revision"), default=None, help="pin a Hub commit, branch or tag")
+    parser.add_argument(
+        *spellings("memory_from_other_model"),
         action="store_true",
         help="continue a memory file made with other weights (by default it is refused)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         check_sampling(args.temperature, args.top_p)

@@ -1,10 +1,10 @@
 """Train a Sonett preset and a parameter-matched transformers `LlamaForCausalLM` side by side, and compare them.
 
-    python scripts/compare.py lm        # pretraining recipe on the stdlib corpus: validation loss, tokens/s, curves
-    python scripts/compare.py mqar      # multi-query associative recall (Zoology): accuracy grid, state sizes
-    python scripts/compare.py passkey   # passkey retrieval far beyond the training length (needs make demo's tokenizer)
+    sonett compare lm        # pretraining recipe on the stdlib corpus: validation loss, tokens/s, curves
+    sonett compare mqar      # multi-query associative recall (Zoology): accuracy grid, state sizes
+    sonett compare passkey   # passkey retrieval far beyond the training length (needs make demo's tokenizer)
 
-`lm` takes every flag of `scripts/train.py` (`sonett.training.pretraining.PretrainArguments`; `--output_dir` is the
+`lm` takes every flag of `sonett train` (`sonett.training.pretraining.PretrainArguments`; `--output_dir` is the
 parent of `sonett/` and `llama/`), `mqar` those of `sonett.evaluation.comparison.MQARArguments`, `passkey` those of
 `sonett.evaluation.comparison.PasskeyArguments`. Each writes `results.json` and a PNG of the loss curves (and, for
 passkey, a depth-by-length heat map) into its output folder and prints a table.
@@ -12,13 +12,13 @@ passkey, a depth-by-length heat map) into its output folder and prints a table.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
+from sonett.cli.parsing import argument_parser, dataclass_parser
 from sonett.evaluation.comparison import (
     MQARArguments,
     PasskeyArguments,
@@ -27,15 +27,17 @@ from sonett.evaluation.comparison import (
     compare_passkey,
 )
 from sonett.evaluation.mqar import MQAR_GRID
+from sonett.extras import requires_extra
 from sonett.hub.loading import load_tokenizer
 from sonett.hub.saving import add_quality_results
 from sonett.training.pretraining import PretrainArguments
 
-USAGE = "usage: compare.py {lm,mqar,passkey} [flags]  (see --help of each)"
+LM_OUTPUT_DIR = "runs/compare-lm"
 
 
 def _pyplot():
-    import matplotlib
+    with requires_extra("train"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -73,10 +75,61 @@ def smoothed(history: list[dict], window: int = 20) -> list[dict]:
     return out
 
 
+def build_lm_parser():
+    """The parser of `sonett compare lm`: every `sonett train` flag; --output_dir defaults to runs/compare-lm."""
+    parser = dataclass_parser(
+        PretrainArguments,
+        "compare lm",
+        "Pretrain a Sonett preset and a parameter-matched LlamaForCausalLM on the same data with the same recipe, and "
+        "compare validation loss, speed and loss curves. Every `sonett train` flag applies to both runs; "
+        "--output_dir is the parent of sonett/ and llama/.",
+    )
+    parser.set_defaults(output_dir=LM_OUTPUT_DIR)
+    return parser
+
+
+def build_mqar_parser():
+    """The parser of `sonett compare mqar` (every field of `MQARArguments`)."""
+    return dataclass_parser(
+        MQARArguments,
+        "compare mqar",
+        "Train the hybrid and constant-state Sonett presets and a Llama on multi-query associative recall (the "
+        "Zoology MQAR grid) and compare their accuracy, state size and speed.",
+    )
+
+
+def build_passkey_parser():
+    """The parser of `sonett compare passkey` (every field of `PasskeyArguments`)."""
+    return dataclass_parser(
+        PasskeyArguments,
+        "compare passkey",
+        "Train Sonett and a Llama on passkey prompts at a short length, then sweep retrieval over context lengths and "
+        "needle depths far beyond it (needs a tokenizer folder: make demo writes runs/sonett-tiny).",
+    )
+
+
+# `sonett compare NAME ...`: each comparison with its own flags and `--help`.
+SUBCOMMANDS = {"lm": build_lm_parser, "mqar": build_mqar_parser, "passkey": build_passkey_parser}
+SUBCOMMAND_HELP = {
+    "lm": "pretraining: validation loss, tokens/s and loss curves against a matched Llama",
+    "mqar": "multi-query associative recall: accuracy grid and state size per model",
+    "passkey": "passkey retrieval by context length and depth, far beyond the training length",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `sonett compare`: which comparison to run (each has its own flags)."""
+    width = max(len(name) for name in SUBCOMMANDS)
+    listing = "\n".join(f"  {name:<{width}}  {SUBCOMMAND_HELP[name]}" for name in SUBCOMMANDS)
+    parser = argument_parser("compare", __doc__)
+    parser.epilog = f"comparisons:\n{listing}\n\nRun `sonett compare NAME --help` for the flags of a comparison."
+    parser.usage = f"%(prog)s {{{','.join(SUBCOMMANDS)}}} [FLAGS ...]"
+    parser.add_argument("comparison", choices=list(SUBCOMMANDS), help="the comparison to run (below), then its flags")
+    return parser
+
+
 def main_lm(argv: list[str]) -> None:
-    (args,) = HfArgumentParser(PretrainArguments).parse_args_into_dataclasses(args=argv)
-    if "--output_dir" not in " ".join(argv):
-        args.output_dir = "runs/compare-lm"
+    (args,) = build_lm_parser().parse_args_into_dataclasses(args=argv)
     comparison = compare_language_modelling(args)
     output_dir = Path(args.output_dir)
     runs = comparison.runs
@@ -105,7 +158,7 @@ def main_lm(argv: list[str]) -> None:
                 "model": f"{runs['sonett']['validation_loss']:.4f}",
                 "llama": f"{runs['llama']['validation_loss']:.4f}",
                 "target": f"ratio <= 1.00 (measured {comparison.loss_ratio:.3f})",
-                "command": " ".join(["python scripts/compare.py lm", *argv]),
+                "command": " ".join(["sonett compare lm", *argv]),
             }
         ],
     )
@@ -115,7 +168,7 @@ def main_lm(argv: list[str]) -> None:
 
 
 def main_mqar(argv: list[str]) -> None:
-    (args,) = HfArgumentParser(MQARArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = build_mqar_parser().parse_args_into_dataclasses(args=argv)
     results = compare_mqar(args)
     output_dir = Path(args.output_dir)
     write_results(output_dir, {"arguments": vars(args), "models": results})
@@ -140,7 +193,7 @@ def main_mqar(argv: list[str]) -> None:
                 "model": f"{accuracy:.3f}",
                 "llama": f"{llama[cell]:.3f}" if cell in llama else "not run",
                 "target": f">= {targets[name]:.2f}" if cell == "256,16" else "",
-                "command": "python scripts/compare.py mqar " + " ".join(argv),
+                "command": "sonett compare mqar " + " ".join(argv),
             }
             for cell, accuracy in results[name]["accuracy"].items()
         ]
@@ -170,7 +223,7 @@ def plot_passkey(results: dict, path: Path) -> None:
 
 
 def main_passkey(argv: list[str]) -> None:
-    (args,) = HfArgumentParser(PasskeyArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = build_passkey_parser().parse_args_into_dataclasses(args=argv)
     if not Path(args.tokenizer).is_dir():
         sys.exit(f"error: no tokenizer folder {args.tokenizer}; run `make demo` first or pass --tokenizer FOLDER.")
     tokenizer = load_tokenizer(args.tokenizer)
@@ -202,7 +255,7 @@ def main_passkey(argv: list[str]) -> None:
                     "model": f"{accuracy:.2f}",
                     "llama": f"{llama[n]:.2f}" if n in llama else "not run (quadratic attention)",
                     "target": ">= 0.90" if int(n) == 8 * args.train_length else "",
-                    "command": "python scripts/compare.py passkey " + " ".join(argv),
+                    "command": "sonett compare passkey " + " ".join(argv),
                 }
                 for n, accuracy in results["sonett"]["mean_accuracy"].items()
             ],
@@ -218,11 +271,9 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     commands = {"lm": main_lm, "mqar": main_mqar, "passkey": main_passkey}
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] and argv[0] in ("-h", "--help"):
-        print(f"{USAGE}\n\n{__doc__}")
-        return
     if not argv or argv[0] not in commands:
-        sys.exit(USAGE)
+        build_parser().parse_args(argv)  # --help exits 0; anything else exits 2 naming the comparisons
+        return
     commands[argv[0]](argv[1:])
 
 

@@ -5,11 +5,11 @@ length and depth). Every task runs on any AutoModelForCausalLM folder, a transfo
 With no data flags it scores the held-out split of the embedded standard-library corpus that pretraining used
 (same `--validation_fraction` and `--max_documents` as the run), so it reproduces the run's validation loss:
 
-    python scripts/evaluate.py --model runs/sonett-tiny --token_accuracy true
-    python scripts/evaluate.py --model runs/sonett-tiny --data_files test.jsonl --text_column body --block_size 512
+    sonett evaluate --model runs/sonett-tiny --token_accuracy true
+    sonett evaluate --model runs/sonett-tiny --data_files test.jsonl --text_column body --block_size 512
 
-    python scripts/evaluate.py --model runs/compare-mqar/hybrid --task mqar
-    python scripts/evaluate.py --model runs/compare-passkey/sonett --task passkey --passkey_lengths 1024 4096
+    sonett evaluate --model runs/compare-mqar/hybrid --task mqar
+    sonett evaluate --model runs/compare-passkey/sonett --task passkey --passkey_lengths 1024 4096
 
 Every field of `sonett.evaluation.scoring.EvaluationArguments` is a flag. Writes `<output_dir>/results.json`,
 `loss_by_position.png` (mean loss at each position of a block) and `block_perplexity.png` (histogram of
@@ -24,16 +24,14 @@ import logging
 import sys
 from pathlib import Path
 
-# This file is named like the `evaluate` library. Python puts the script's folder first on sys.path, which would
-# make `import evaluate` (inside sonett.evaluation.scoring) import this script; drop that folder before importing.
-from transformers import HfArgumentParser
-
+from sonett.cli.parsing import dataclass_parser, spellings
 from sonett.evaluation.scoring import (
     EvaluationArguments,
     evaluate_causal_lm,
     evaluate_mqar,
     evaluate_passkey,
 )
+from sonett.extras import requires_extra
 
 LOSS_PLOT = "loss_by_position.png"
 HISTOGRAM_PLOT = "block_perplexity.png"
@@ -41,7 +39,8 @@ HISTOGRAM_PLOT = "block_perplexity.png"
 
 def plot_position_loss(results: dict, path: Path) -> None:
     """Mean next-token loss against how many tokens of the block the model has seen."""
-    import matplotlib
+    with requires_extra("eval"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -61,7 +60,8 @@ def plot_position_loss(results: dict, path: Path) -> None:
 
 def plot_block_perplexity(results: dict, path: Path) -> None:
     """Histogram of the perplexity of each block, with the corpus perplexity marked."""
-    import matplotlib
+    with requires_extra("eval"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -120,13 +120,20 @@ def print_task_table(results: dict, output_dir: Path) -> None:
     print(f"results: {output_dir / 'results.json'}")
 
 
+def build_parser():
+    """The parser of `sonett evaluate`: every field of `EvaluationArguments`, and --output_dir."""
+    parser = dataclass_parser(EvaluationArguments, "evaluate", __doc__)
+    parser.add_argument(
+        *spellings("output_dir"), default=None, help="where results.json and the plots go (default: <model>-eval)"
+    )
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("datasets", "transformers", "evaluate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    parser = HfArgumentParser(EvaluationArguments)
-    parser.add_argument("--output_dir", default=None, help="where results.json and the plots go (<model>-eval)")
-    args, extra = parser.parse_args_into_dataclasses(args=argv)
+    args, extra = build_parser().parse_args_into_dataclasses(args=argv)
     if importlib.util.find_spec("matplotlib") is None:
         sys.exit("error: the plots need matplotlib; install it with `pip install matplotlib` (or `sonett[dev]`).")
     output_dir = Path(extra.output_dir or f"{str(args.model).rstrip('/')}-eval")

@@ -4,9 +4,9 @@ With no flags: adapts `runs/sonett-tiny` (from `make demo`) on the embedded inst
 to `runs/sonett-tiny-lora`. Flags are the fields of `sonett.training.finetuning.FinetuneArguments` plus every
 `transformers.TrainingArguments` flag:
 
-    python scripts/finetune.py --data_files chats.jsonl --lora_rank 8 --use_dora --merge
-    python scripts/finetune.py --base_model my/model --num_train_epochs 1 --learning_rate 1e-3 --output_dir out
-    accelerate launch scripts/finetune.py --data_files chats.jsonl
+    sonett finetune --data_files chats.jsonl --lora_rank 8 --use_dora --merge
+    sonett finetune --base_model my/model --num_train_epochs 1 --learning_rate 1e-3 --output_dir out
+    accelerate launch -m sonett finetune --data_files chats.jsonl
 
 Load the result with `AutoPeftModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True)`, or the merged
 folder (`--merge`) with `AutoModelForCausalLM.from_pretrained(output_dir + "/merged", trust_remote_code=True)`.
@@ -18,8 +18,10 @@ import logging
 import sys
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
+from sonett.cli.parsing import dataclass_parser
+from sonett.extras import requires_extra
 from sonett.hub.loading import load_tokenizer
 from sonett.training.finetuning import TRAINING_DEFAULTS, FinetuneArguments, finetune, load_splits
 
@@ -28,7 +30,8 @@ SAMPLES = 4
 
 def show_samples(adapter_dir: str, validation, count: int = SAMPLES) -> None:
     """Reload the adapter through `AutoPeftModelForCausalLM` and answer a few validation prompts greedily."""
-    from peft import AutoPeftModelForCausalLM
+    with requires_extra("train"):
+        from peft import AutoPeftModelForCausalLM
 
     tokenizer = load_tokenizer(adapter_dir)  # no code of the folder runs (sonett.hub.loading)
     model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, trust_remote_code=False).eval()
@@ -45,10 +48,16 @@ def show_samples(adapter_dir: str, validation, count: int = SAMPLES) -> None:
         print(f"\nQ: {messages[last - 1]['content']}\nexpected: {messages[last]['content']}\nmodel:    {answer}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
+def build_parser():
+    """The parser of `sonett finetune`: `FinetuneArguments` and every `TrainingArguments` flag, with the recipe's
+    defaults (`TRAINING_DEFAULTS`)."""
+    parser = dataclass_parser((FinetuneArguments, TrainingArguments), "finetune", __doc__)
     parser.set_defaults(**TRAINING_DEFAULTS)
-    args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, training_args = build_parser().parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     splits = load_splits(args, training_args.seed)

@@ -13,6 +13,8 @@ import argparse
 import importlib
 import sys
 
+from sonett.extras import MissingExtraError
+
 # name -> (module under sonett.cli with a `main(argv)` function, one line for `sonett --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "pretrain a model from a preset on the embedded corpus or your data (Accelerate)"),
@@ -60,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         _parser().parse_args([command])  # exits 2 with the list of commands
-    module = importlib.import_module(f"sonett.cli.{COMMANDS[command][0]}")
-    result = module.main(rest)
+    try:
+        module = importlib.import_module(f"sonett.cli.{COMMANDS[command][0]}")
+        result = module.main(rest)
+    except MissingExtraError as error:  # an optional dependency is missing: say which extra installs it
+        print(f"sonett {command}: {error}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
 
 

@@ -1,21 +1,20 @@
 """Pretrain a Sonett preset with Accelerate, write a Hub-ready folder, reload it and generate a sample.
 
-With no flags this is `make demo`: the tiny preset on the Python standard library's own source.
-Every field of `sonett.training.pretraining.PretrainArguments` is a flag (`--help` lists them), e.g.
+With no flags this is `make demo`: the tiny preset on the Python standard library's own source. Every field of
+`sonett.training.pretraining.PretrainArguments` is a flag, e.g.
 
-    python scripts/train.py --config sonett-small --data_files corpus.jsonl --max_steps 20000
-    python scripts/train.py --data_files big/*.jsonl --streaming --checkpointing_steps 1000 --checkpoints_total_limit 3
-    python scripts/train.py ... --resume_from_checkpoint latest          # continues the same data order
-    python scripts/train.py ... --resume_from_checkpoint latest --allow_changed_inputs  # preset/data edited since
-    python scripts/train.py ... --nan_policy stop                        # raise at a NaN/inf step (default: skip it)
-    accelerate launch --config_file configuration/accelerate/multi_gpu.yaml scripts/train.py --config sonett-small
-    accelerate launch --config_file configuration/accelerate/cpu_two_processes.yaml scripts/train.py --cpu
+    sonett train --config sonett-small --data_files corpus.jsonl --max_steps 20000
+    sonett train --data_files big/*.jsonl --streaming --checkpointing_steps 1000 --checkpoints_total_limit 3
+    sonett train ... --resume_from_checkpoint latest          # continues the same data order
+    sonett train ... --resume_from_checkpoint latest --allow_changed_inputs  # preset/data edited since
+    sonett train ... --nan_policy stop                        # raise at a NaN/inf step (default: skip it)
+    accelerate launch --config_file configuration/accelerate/multi_gpu.yaml -m sonett train --config sonett-small
+    accelerate launch --config_file configuration/accelerate/cpu_two_processes.yaml -m sonett train --cpu
 
-`vision` as the first argument runs the vision recipe instead (`sonett.training.vision.VisionArguments`): it
-teaches a trained text model (default `runs/sonett-tiny`, from `make demo`) to name digits and answer questions
-about shapes, and writes a multimodal folder and a picture grid of held-out predictions:
-
-    python scripts/train.py vision --text_model runs/sonett-tiny --plot docs/vision-samples.png
+`sonett train vision` runs the vision recipe instead (`sonett.training.vision.VisionArguments`; see
+`sonett train vision --help`): it teaches a trained text model (default `runs/sonett-tiny`, from `make demo`) to
+name digits and answer questions about shapes, and writes a multimodal folder and a picture grid of held-out
+predictions.
 
 Ctrl-C (SIGINT) or SIGTERM during training saves a checkpoint of the current step and exits with status 130 or 143
 (128 + the signal number); rerun the same command with `--resume_from_checkpoint latest` to continue exactly.
@@ -29,8 +28,9 @@ import sys
 import time
 
 import torch
-from transformers import HfArgumentParser
 
+from sonett.cli.parsing import dataclass_parser, spellings
+from sonett.extras import requires_extra
 from sonett.hub.loading import load_model, load_tokenizer
 from sonett.training.pretraining import (
     CHECKPOINTS_DIR,
@@ -41,6 +41,32 @@ from sonett.training.pretraining import (
 )
 
 SAMPLE_PROMPT = "def read_config(path):\n    "
+VISION_DESCRIPTION = """Teach a trained text Sonett to see: upgrade the folder with an image encoder and gated
+cross-attention, train on embedded digits and shapes (no download), and write a multimodal folder that loads with
+AutoModelForImageTextToText / AutoProcessor, plus a picture grid of held-out predictions.
+
+    sonett train vision --text_model runs/sonett-tiny --plot docs/vision-samples.png
+"""
+
+
+def build_parser():
+    """The parser of `sonett train` (every field of `PretrainArguments`)."""
+    return dataclass_parser(PretrainArguments, "train", __doc__)
+
+
+def build_vision_parser():
+    """The parser of `sonett train vision` (every field of `VisionArguments`, and --plot)."""
+    from sonett.training.vision import VisionArguments
+
+    parser = dataclass_parser(VisionArguments, "train vision", VISION_DESCRIPTION)
+    parser.add_argument(
+        *spellings("plot"), default=None, help="PNG of held-out predictions (default: <output_dir>/samples.png)"
+    )
+    return parser
+
+
+# `sonett train NAME ...`: the recipes that take the place of pretraining, each with its own flags.
+SUBCOMMANDS = {"vision": build_vision_parser}
 
 
 def generate_sample(folder: str, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 60) -> str:
@@ -56,7 +82,8 @@ def generate_sample(folder: str, prompt: str = SAMPLE_PROMPT, max_new_tokens: in
 
 def plot_samples(samples: list[dict], path: str) -> None:
     """A grid of held-out images with the question, the model's answer and whether it is right."""
-    import matplotlib
+    with requires_extra("train"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -80,11 +107,9 @@ def plot_samples(samples: list[dict], path: str) -> None:
 
 
 def vision_main(argv: list[str]) -> None:
-    from sonett.training.vision import VisionArguments, train_vision
+    from sonett.training.vision import train_vision
 
-    parser = HfArgumentParser(VisionArguments)
-    parser.add_argument("--plot", default=None, help="PNG of held-out predictions (default: <output_dir>/samples.png)")
-    args, extra = parser.parse_args_into_dataclasses(args=argv)
+    args, extra = build_vision_parser().parse_args_into_dataclasses(args=argv)
     results = train_vision(args)
     plot = extra.plot or os.path.join(args.output_dir, "samples.png")
     plot_samples(results["samples"], plot)
@@ -124,7 +149,7 @@ def main(argv: list[str] | None = None) -> int | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["vision"]:
         return vision_main(argv[1:])
-    (args,) = HfArgumentParser(PretrainArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = build_parser().parse_args_into_dataclasses(args=argv)
     started = time.perf_counter()
     try:
         results = pretrain(args)

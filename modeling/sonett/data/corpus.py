@@ -19,13 +19,17 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import pyarrow
-import pyarrow.parquet
 import torch
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
-from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import Sampler
 from transformers import PreTrainedTokenizerBase
+
+from sonett.extras import requires_extra
+
+with requires_extra("train"):
+    import pyarrow
+    import pyarrow.parquet
+    from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ Two sources:
   its own cell of a 2x2 grid, with a caption and one-word question-answer pairs whose answers are right by
   construction. Rendering is deterministic for a seed; a held-out split is a different seed
   (`SHAPES_TRAIN_SEED` / `SHAPES_TEST_SEED`).
-* **Digits**: scikit-learn's bundled 8x8 handwritten digits (`sklearn.datasets.load_digits`), upscaled, with a
-  deterministic stratified train/test split.
+* **Digits**: the 8x8 handwritten digits that scikit-learn bundles (`sklearn.datasets.load_digits`), shipped with
+  this package as `digits.npz` (see `DIGITS_FILE`), upscaled, with a deterministic stratified train/test split.
 
 Examples are plain dicts with a PIL `image`, a `caption` and `questions` (a list of `(question, answer)` pairs);
 `to_chat` turns one pair into a conversation in the format of Sonett's chat template.
@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
-from PIL import Image, ImageDraw
+
+from sonett.extras import requires_extra
+
+with requires_extra("vision"):
+    from PIL import Image, ImageDraw
 
 logger = logging.getLogger(__name__)
 
@@ -195,12 +200,18 @@ def shapes_examples(count: int, seed: int, image_size: int = 32) -> list[dict[st
     return examples
 
 
+# The 1797 8x8 handwritten digits (values 0..16) and their labels, as `sklearn.datasets.load_digits()` returns them
+# (equal arrays, stored as uint8 with `numpy.savez_compressed`; 45 KB). Source: E. Alpaydin and C. Kaynak, "Optical
+# Recognition of Handwritten Digits", UCI Machine Learning Repository (1998), https://doi.org/10.24432/C50P49,
+# licensed CC BY 4.0; this is the test-set copy that scikit-learn bundles (BSD-3-Clause).
+DIGITS_FILE = Path(__file__).with_name("digits.npz")
+
+
 @lru_cache(maxsize=1)
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return np.asarray(digits.images), np.asarray(digits.target, dtype=np.int64)
+    """The digits: images (1797, 8, 8) float64 in 0..16 and targets (1797,) int64, as scikit-learn's loader."""
+    with np.load(DIGITS_FILE, allow_pickle=False) as data:
+        return data["images"].astype(np.float64), data["targets"].astype(np.int64)
 
 
 def digits_split_indices(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:

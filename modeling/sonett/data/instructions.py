@@ -20,7 +20,10 @@ import random
 from collections import Counter
 from collections.abc import Callable
 
-from datasets import Dataset, DatasetDict
+from sonett.extras import requires_extra
+
+with requires_extra("train"):
+    from datasets import Dataset, DatasetDict
 
 logger = logging.getLogger(__name__)
 

@@ -153,25 +153,32 @@ def compare_language_modelling(args: PretrainArguments) -> LanguageModellingComp
 class MQARArguments:
     """Settings of the MQAR comparison; the optimiser settings are shared by every model."""
 
-    output_dir: str = "runs/compare-mqar"
-    hybrid_preset: str = "sonett-tiny"
-    constant_preset: str = "sonett-tiny-constant"
+    output_dir: str = field(
+        default="runs/compare-mqar",
+        metadata={"help": "folder for results.json, the loss curves and one model folder per model"},
+    )
+    hybrid_preset: str = field(default="sonett-tiny", metadata={"help": "the preset of the hybrid Sonett model"})
+    constant_preset: str = field(
+        default="sonett-tiny-constant", metadata={"help": "the preset of the constant-state Sonett model"}
+    )
     depth: int = field(default=4, metadata={"help": "layers of each model (2-4 in the Zoology setting)"})
     vocab_size: int = field(default=256, metadata={"help": "keys from ids 1..V/2-1, values from V/2..V-1"})
     batch_tokens: int = field(default=1024, metadata={"help": "tokens per training batch, whatever the length"})
-    steps: int = 6000
+    steps: int = field(default=6000, metadata={"help": "optimizer steps per model"})
     curriculum_fraction: float = field(
         default=0.3, metadata={"help": "share of the steps trained on the short settings (64,4) and (128,8) only"}
     )
-    learning_rate: float = 3e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    eval_examples: int = 500
+    learning_rate: float = field(
+        default=3e-3, metadata={"help": "peak AdamW learning rate (cosine schedule), the same for every model"}
+    )
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of the matrices"})
+    eval_examples: int = field(default=500, metadata={"help": "held-out examples per grid cell"})
     state_length: int = field(default=256, metadata={"help": "sequence length at which state sizes are compared"})
     models: list[str] = field(
         default_factory=lambda: ["hybrid", "constant", "llama"], metadata={"help": "any of hybrid, constant, llama"}
     )
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of the weights and the training batches"})
 
 
 def mqar_training_batches(
@@ -261,9 +268,12 @@ def compare_mqar(args: MQARArguments) -> dict:
 class PasskeyArguments:
     """Settings of the passkey comparison."""
 
-    output_dir: str = "runs/compare-passkey"
+    output_dir: str = field(
+        default="runs/compare-passkey",
+        metadata={"help": "folder for results.json, the heat map, the loss curves and the model folders"},
+    )
     tokenizer: str = field(default="runs/sonett-tiny", metadata={"help": "a tokenizer folder (make demo writes one)"})
-    preset: str = "sonett-tiny-constant"
+    preset: str = field(default="sonett-tiny-constant", metadata={"help": "the Sonett preset to train"})
     sonett_model: str | None = field(
         default=None, metadata={"help": "start Sonett from this pretrained folder (of the preset) instead of scratch"}
     )
@@ -278,19 +288,23 @@ class PasskeyArguments:
     label_repeat: bool = field(
         default=True, metadata={"help": "also train on the key's second mention inside the needle (a nearby copy)"}
     )
-    batch_size: int = 8
-    steps: int = 600
-    learning_rate: float = 3e-3
-    warmup_steps: int = 50
-    gate_lr_multiplier: float = 1.0
-    lengths: list[int] = field(default_factory=lambda: list(PASSKEY_LENGTHS))
+    batch_size: int = field(default=8, metadata={"help": "prompts per training batch"})
+    steps: int = field(default=600, metadata={"help": "optimizer steps per model"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (cosine schedule)"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    gate_lr_multiplier: float = field(
+        default=1.0, metadata={"help": "learning-rate factor for the memory and cross-attention gates"}
+    )
+    lengths: list[int] = field(
+        default_factory=lambda: list(PASSKEY_LENGTHS), metadata={"help": "context lengths of the retrieval sweep"}
+    )
     llama_max_length: int = field(
         default=4096, metadata={"help": "the Llama baseline is swept only up to here (its attention is quadratic)"}
     )
-    keys_per_depth: int = 2
+    keys_per_depth: int = field(default=2, metadata={"help": "passkeys tried at each depth of each length"})
     chunk_size: int = field(default=2048, metadata={"help": "prefill chunk for long prompts"})
-    models: list[str] = field(default_factory=lambda: ["sonett", "llama"])
-    seed: int = 0
+    models: list[str] = field(default_factory=lambda: ["sonett", "llama"], metadata={"help": "any of sonett, llama"})
+    seed: int = field(default=0, metadata={"help": "seed of the weights, the training prompts and the keys"})
 
     def __post_init__(self) -> None:
         if self.train_length > 2048:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sonett.data.corpus import split_by_document, stdlib_corpus
+from sonett.extras import requires_extra
 from sonett.hub.loading import check_model_folder
 
 logger = logging.getLogger(__name__)
@@ -167,8 +168,9 @@ def run_harness(
         raise FileNotFoundError(f"{folder} has no config.json; pass a saved model folder.")
     check_model_folder(folder)
 
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    with requires_extra("eval"):
+        import lm_eval
+        from lm_eval.tasks import TaskManager
 
     return lm_eval.simple_evaluate(
         model="hf",

@@ -16,11 +16,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import evaluate
 import torch
-from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sonett.extras import requires_extra
+
+with requires_extra("eval"):
+    import evaluate
+    from datasets import Dataset
 
 from sonett.data.corpus import load_corpus, pack_into_blocks, split_by_document
 from sonett.evaluation.mqar import MQAR_GRID, mqar_batch, recall_predictions
@@ -37,28 +41,43 @@ TASKS = ("lm", "mqar", "passkey")
 
 @dataclass
 class EvaluationArguments:
-    """Settings of one evaluation; every field is also a `scripts/evaluate.py` flag."""
+    """Settings of one evaluation; every field is also a `sonett evaluate` flag."""
 
-    model: str = "runs/sonett-tiny"
+    model: str = field(
+        default="runs/sonett-tiny", metadata={"help": "the model folder (or Hub id) to score; any AutoModelForCausalLM"}
+    )
     task: str = field(default="lm", metadata={"help": "lm (perplexity), mqar (recall grid) or passkey (sweep)"})
-    data_files: list[str] = field(default_factory=list)
-    dataset_name: str | None = None
-    text_column: str = "text"
-    split: str | None = None
-    validation_fraction: float = 0.02
-    max_documents: int | None = None
-    block_size: int = 256
-    batch_size: int = 16
-    max_blocks: int | None = None
-    token_accuracy: bool = False
-    device: str | None = None
+    data_files: list[str] = field(
+        default_factory=list,
+        metadata={"help": "local .txt/.jsonl/.json/.parquet files to score (default: the embedded stdlib corpus)"},
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "a Hub dataset name to score (online)"})
+    text_column: str = field(default="text", metadata={"help": "the column holding the documents"})
+    split: str | None = field(
+        default=None,
+        metadata={"help": "split of the corpus to score (default: validation for the embedded corpus, else all)"},
+    )
+    validation_fraction: float = field(
+        default=0.02,
+        metadata={"help": "share of documents held out, as in pretraining (to find the same validation split)"},
+    )
+    max_documents: int | None = field(
+        default=None, metadata={"help": "use only the first N documents, as in pretraining (all)"}
+    )
+    block_size: int = field(
+        default=256, metadata={"help": "tokens per scored block (at most the model's max_position_embeddings)"}
+    )
+    batch_size: int = field(default=16, metadata={"help": "blocks (or MQAR examples) per forward pass"})
+    max_blocks: int | None = field(default=None, metadata={"help": "score at most this many blocks (all)"})
+    token_accuracy: bool = field(default=False, metadata={"help": "also measure next-token accuracy"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:0, ... (default: cuda when available)"})
     mqar_examples: int = field(default=500, metadata={"help": "mqar: examples per grid cell"})
     passkey_lengths: list[int] = field(
         default_factory=lambda: [1024, 2048, 4096, 8192, 16384, 32768], metadata={"help": "passkey: context lengths"}
     )
     passkey_keys_per_depth: int = field(default=2, metadata={"help": "passkey: keys tried at each depth"})
     chunk_size: int | None = field(default=2048, metadata={"help": "passkey: prefill chunk for long prompts"})
-    seed: int = 1
+    seed: int = field(default=1, metadata={"help": "seed of the MQAR examples and passkey keys"})
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -1,8 +1,11 @@
 """Check a saved Sonett folder and upload it to a Hugging Face Hub repository in one commit.
 
-`push_folder_to_hub` refuses a folder that would not load from the Hub (no config, missing or truncated weights, a
-half-written file, remote-code files that `auto_map` or a relative import names but the folder lacks, no model card),
-then creates the repository (and the branch for `revision`) and commits every file with `HfApi.create_commit`.
+`push_folder_to_hub` takes any folder `save_pretrained` writes (a text or vision model with its tokenizer or
+processor, a merged fine-tune, a PEFT adapter) and refuses one that would not load from the Hub (no config, missing or
+truncated weights, a half-written file, remote-code files that `auto_map` or a relative import names but the folder
+lacks, an adapter whose base model has no Hub id). A folder without a card (or with PEFT's unfilled placeholder)
+uploads a card generated from its config (`sonett.hub.folder_card`); the local folder is left as it is. It then
+creates the repository (and the branch for `revision`) and commits every file with `HfApi.create_commit`.
 The token is resolved by huggingface_hub itself (`HF_TOKEN`, then the saved login) and never read into a log.
 
 Only what a model folder holds leaves the machine, and every problem is refused by name before any request:
@@ -28,8 +31,19 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, get_token
 from safetensors import SafetensorError, safe_open
+
+from sonett.hub.folder_card import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    CardError,
+    adapter_base_model,
+    folder_model_card,
+    is_adapter_folder,
+    is_placeholder_card,
+)
+from sonett.hub.model_card import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +58,9 @@ IN_PROGRESS_SUFFIXES = (".partial", ".tmp", ".incomplete")
 # Local-only state of a training run (optimizer checkpoints, tracker logs) stays out of the upload, unlisted.
 IGNORED_DIRS = frozenset({".git", ".cache", "__pycache__", "checkpoints", "logs"})
 IGNORED_SUFFIXES = (".pyc",)
+# What `sonett finetune` writes beside an adapter: the Trainer's pickled arguments (local state, and a pickle) and,
+# with --merge, `merged/`, a model folder of its own that is pushed on its own.
+IGNORED_TOP_LEVEL = frozenset({"training_args.bin", "merged"})
 # What a model folder holds: patterns on the path inside the folder (top level, then any folder depth).
 ALLOWED_TOP_LEVEL = (
     # weights
@@ -55,6 +72,7 @@ ALLOWED_TOP_LEVEL = (
     "preprocessor_config.json",
     "processor_config.json",
     "video_preprocessor_config.json",
+    "adapter_config.json",  # a PEFT adapter folder (its weights: adapter_model.safetensors)
     "chat_template.jinja",
     "chat_template.json",
     # tokenizer
@@ -183,8 +201,9 @@ USER_ROOTS = frozenset(
 SYSTEM_ROOTS = frozenset({"usr", "bin", "sbin", "etc", "dev", "proc", "sys", "lib", "lib32", "lib64", "boot", "run"})
 # At most this many names per problem line.
 MAX_LISTED = 20
-# The first argument of `.from_pretrained("...")` in the card's usage example (training writes its local path there).
-FROM_PRETRAINED_ARGUMENT = re.compile(r'(\.from_pretrained\(\s*)"[^"\n]*"')
+# The first argument of `.from_pretrained("...")` in the card's usage example (training writes its local path there),
+# and the repository argument of an adapter card's `PeftModel.from_pretrained(base, "...")`.
+FROM_PRETRAINED_ARGUMENT = re.compile(r'(\.from_pretrained\(\s*(?:base,\s*)?)"[^"\n]*"')
 # The relative imports transformers follows when it loads remote code.
 RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+)\s*$)", re.MULTILINE)
 
@@ -303,9 +322,10 @@ def scan_folder(
 ) -> FolderScan:
     """Walk `folder` without leaving it and sort every file into what uploads and what is refused (`FolderScan`).
 
-    `.git/`, `.cache/`, `__pycache__/`, a training run's `checkpoints/` and `logs/` and `*.pyc` are local state: left
-    out and not reported. `allow_extra_files`: glob patterns (`fnmatch`, on the path inside the folder, `/`-separated)
-    that admit files the allow-list lacks; they never admit credential files or `.py` files.
+    `.git/`, `.cache/`, `__pycache__/`, a training run's `checkpoints/` and `logs/`, `*.pyc`, and a fine-tune's
+    top-level `training_args.bin` and `merged/` are local state or another folder: left out and not reported.
+    `allow_extra_files`: glob patterns (`fnmatch`, on the path inside the folder, `/`-separated) that admit files the
+    allow-list lacks; they never admit credential files or `.py` files.
     """
     root = Path(folder).resolve()
     code = package_code_files()
@@ -314,6 +334,8 @@ def scan_folder(
         relative = path.relative_to(root)
         name = relative.as_posix()
         if IGNORED_DIRS.intersection(relative.parts[:-1]) or path.suffix in IGNORED_SUFFIXES:
+            continue
+        if relative.parts[0] in IGNORED_TOP_LEVEL:
             continue
         target = path.resolve()
         if not target.is_relative_to(root):  # a link (or a file under a linked folder) that leaves the folder
@@ -721,27 +743,123 @@ def _point_card_at(files: list[UploadFile], repo_id: str) -> list[UploadFile]:
     return updated
 
 
-def validate_model_folder(
-    folder: str | Path, allow_extra_files: Sequence[str] = (), allow_modified_code: bool = False
+def _check_adapter(folder: Path, problems: list[str]) -> dict | None:
+    """A PEFT adapter folder's config and weights; returns the adapter config (None if unreadable)."""
+    adapter_config = _read_json(folder / ADAPTER_CONFIG_FILE, problems)
+    if not (folder / ADAPTER_WEIGHTS_FILE).is_file():
+        pickles = sorted(p.name for p in folder.glob("*.bin"))
+        found = f" (found {', '.join(pickles)}: pickle weights are not uploaded)" if pickles else ""
+        problems.append(
+            f"No adapter weights: {ADAPTER_WEIGHTS_FILE} is missing{found}; save the adapter with "
+            "peft_model.save_pretrained(folder)."
+        )
+    for path in sorted(folder.glob("*.safetensors")):
+        _check_safetensors(path, problems)
+    return adapter_config
+
+
+def _replaced(files: list[UploadFile], upload: UploadFile) -> list[UploadFile]:
+    """`files` with `upload` in place of the file of the same path (added if there is none), sorted by path."""
+    kept = [f for f in files if f.path_in_repo != upload.path_in_repo]
+    return sorted([*kept, upload], key=lambda f: f.path_in_repo)
+
+
+def _adapter_config_naming(files: list[UploadFile], adapter_config: dict, base_model: str) -> list[UploadFile]:
+    """The upload with adapter_config.json naming its base by `base_model` (not by a local path)."""
+    if adapter_config.get("base_model_name_or_path") == base_model:
+        return files
+    local = next(f for f in files if f.path_in_repo == ADAPTER_CONFIG_FILE).local_path
+    data = (
+        json.dumps({**adapter_config, "base_model_name_or_path": base_model}, indent=2, sort_keys=True) + "\n"
+    ).encode()
+    change = f"base_model_name_or_path: {base_model}"
+    return _replaced(files, UploadFile(ADAPTER_CONFIG_FILE, local, len(data), data, (change,)))
+
+
+def _card_naming_hub_base(text: str, base_model: str | None) -> tuple[str, str | None]:
+    """A card whose metadata `base_model` names local paths, rewritten to `base_model` (PEFT's
+    `base_model:adapter:<path>` tags go too); (text, what changed or None).
+
+    Raises:
+        CardError: the card names a local base and `base_model` is None.
+    """
+    card = ModelCard(text, ignore_metadata_errors=True)
+    named = card.data.base_model
+    local = [name for name in ([named] if isinstance(named, str) else named or []) if not is_hub_id(name)]
+    if not local:
+        return text, None
+    if base_model is None:
+        raise CardError(
+            f"{CARD_FILE}'s metadata names its base model by a local path ({', '.join(map(str, local))}), which "
+            "the Hub cannot resolve and the card must not publish; pass --base_model OWNER/NAME (base_model= in "
+            "Python), the Hub repository of the base model."
+        )
+    card.data.base_model = base_model
+    if card.data.tags:
+        card.data.tags = [tag for tag in card.data.tags if not any(str(tag).endswith(f":{n}") for n in local)]
+    return str(card), f"base_model: {base_model}"
+
+
+def _with_card(
+    folder: Path, files: list[UploadFile], repo_id: str | None, base_model: str | None, problems: list[str]
 ) -> list[UploadFile]:
-    """Check that `folder` is a complete, finished Sonett model folder that holds nothing else, and return the files
-    to upload (the card and results files with their absolute local paths made relative, see `relative_local_paths`).
+    """The upload with its card: the folder's own (metadata `base_model` checked), or one generated from the config
+    when the folder has none or only PEFT's unfilled placeholder."""
+    path = folder / CARD_FILE
+    own = next((f for f in files if f.path_in_repo == CARD_FILE), None)
+    text = path.read_text(encoding="utf-8") if own is not None else ""
+    if own is not None and not is_placeholder_card(text):
+        try:
+            fixed, change = _card_naming_hub_base(text, base_model)
+        except CardError as error:
+            problems.append(str(error))
+            return files
+        if change is None:
+            return files
+        data = fixed.encode("utf-8")
+        return _replaced(files, UploadFile(CARD_FILE, path, len(data), data, (*own.changes, change)))
+    missing = "is missing" if own is None else "is a placeholder (huggingface_hub's unfilled template)"
+    try:
+        card = folder_model_card(folder, repo_id, base_model)
+    except CardError as error:
+        problems.append(f"No model card: {CARD_FILE} {missing}, and none can be generated: {error}")
+        return files
+    data = card.encode("utf-8")
+    change = "generated from the config" if own is None else "generated from the config, replacing the placeholder"
+    return _replaced(files, UploadFile(CARD_FILE, path, len(data), data, (change,)))
+
+
+def validate_model_folder(
+    folder: str | Path,
+    allow_extra_files: Sequence[str] = (),
+    allow_modified_code: bool = False,
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+) -> list[UploadFile]:
+    """Check that `folder` is a complete, finished Sonett model folder (or PEFT adapter folder) that holds nothing
+    else, and return the files to upload: with a generated card when it has none (`sonett.hub.folder_card`), an
+    adapter config naming its base by Hub id, and the card and results files with their absolute local paths made
+    relative (see `relative_local_paths`).
 
     Args:
         folder: the folder save_pretrained (or training) wrote.
         allow_extra_files: glob patterns on paths inside the folder (`notes.md`, `extra/*`) that admit files the
             allow-list lacks; never credential files or `.py` files.
         allow_modified_code: upload package code files that differ from the installed package's copy.
+        repo_id: the repository it goes to (a generated card's title and usage example).
+        base_model: the Hub id of the base model: needed for an adapter (or a card) that names its base by a local
+            path; fills a generated card's `base_model` metadata.
 
     Raises:
         FolderNotReadyError: naming every problem found (files that are not uploaded, links, secrets and local paths
-            in the text, half-written files, config, weights, remote code, card) and how to fix it.
+            in the text, half-written files, config, weights, remote code, base model, card) and how to fix it.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FolderNotReadyError(f"{folder} is not a folder; pass the directory that save_pretrained wrote.")
     scan = scan_folder(folder, allow_extra_files, allow_modified_code)
-    files = [_relative_upload(f, folder) for f in scan.files]
+    files = scan.files
     problems = _scan_problems(scan)
     configs = {}
     for name in CODE_CONFIG_FILES:
@@ -749,17 +867,27 @@ def validate_model_folder(
             data = _read_json(folder / name, problems)
             if data is not None:
                 configs[name] = data
-    if not (folder / "config.json").is_file():
-        problems.append("config.json is missing; save the model with model.save_pretrained(folder).")
-    _check_weights(folder, problems)
+    base = None
+    if is_adapter_folder(folder):
+        adapter_config = _check_adapter(folder, problems)
+        if adapter_config is not None:
+            try:
+                base = adapter_base_model(adapter_config, base_model)
+                files = _adapter_config_naming(files, adapter_config, base)
+            except CardError as error:
+                problems.append(str(error))
+    else:
+        if base_model is not None and not is_hub_id(base_model):
+            problems.append(f"--base_model {base_model!r} is not a Hub repository id; give OWNER/NAME.")
+        else:
+            base = base_model
+        if not (folder / "config.json").is_file():
+            problems.append("config.json is missing; save the model with model.save_pretrained(folder).")
+        _check_weights(folder, problems)
     _check_remote_code(folder, configs, problems)
-    card = folder / CARD_FILE
-    if not card.is_file() or not card.read_text(encoding="utf-8").strip():
-        problems.append(
-            f"No model card: {CARD_FILE} is missing or empty; write the folder with "
-            f"sonett.hub.saving.write_model_folder "
-            "or write README.md with sonett.hub.model_card.render_model_card."
-        )
+    if base is not None or not is_adapter_folder(folder):  # an adapter without a Hub base is refused above
+        files = _with_card(folder, files, repo_id, base, problems)
+    files = [_relative_upload(f, folder) for f in files]
     problems += _content_problems(files)
     if problems:
         raise FolderNotReadyError(f"Cannot upload {folder}:\n" + "\n".join(f"- {p}" for p in problems))
@@ -777,6 +905,7 @@ def push_folder_to_hub(
     api: HfApi | None = None,
     allow_extra_files: Sequence[str] = (),
     allow_modified_code: bool = False,
+    base_model: str | None = None,
 ) -> PushResult:
     """Validate `folder`, create `repo_id` (and the branch `revision` if it is missing) and upload its files.
 
@@ -784,7 +913,8 @@ def push_folder_to_hub(
     writes the local folder path there); the local README.md is left unchanged.
 
     Args:
-        folder: a saved Sonett folder (weights, config, remote code, tokenizer/processor, README.md, results).
+        folder: a saved Sonett folder (weights, config, remote code, tokenizer/processor, README.md, results) or a
+            PEFT adapter folder (adapter_config.json, adapter_model.safetensors); a missing card is generated.
         repo_id: `owner/name`, or `name` for the token owner's namespace.
         private: create the repository private. An existing public repository is refused rather than silently
             receiving a model meant to be private.
@@ -795,12 +925,15 @@ def push_folder_to_hub(
         allow_extra_files: glob patterns admitting files a model folder does not usually hold (see
             `validate_model_folder`).
         allow_modified_code: upload package code files that differ from the installed package's copy.
+        base_model: the Hub id of the base model (see `validate_model_folder`).
 
     Returns:
         A `PushResult` with the files and, unless `dry_run`, the commit URL and id.
     """
     folder = Path(folder)
-    files = validate_model_folder(folder, allow_extra_files, allow_modified_code)
+    files = validate_model_folder(
+        folder, allow_extra_files, allow_modified_code, repo_id=repo_id, base_model=base_model
+    )
     branch = revision or DEFAULT_BRANCH
     result = PushResult(repo_id, branch, private, _point_card_at(files, repo_id), dry_run=dry_run)
     if dry_run:

@@ -26,6 +26,7 @@ import transformers
 from transformers.cli.serving.model_manager import ModelManager
 from transformers.cli.serving.utils import Modality, split_model_id, split_revision
 
+from sonett.extras import MissingExtraError, install_command, requires_extra
 from sonett.hub.loading import check_folder
 from sonett.hub.saving import chat_stop_token_ids
 
@@ -47,8 +48,8 @@ def _require_serving_packages() -> None:
     from transformers.utils.import_utils import is_serve_available
 
     if not is_serve_available():
-        raise ImportError(
-            "Serving needs fastapi, uvicorn, pydantic and openai: pip install 'sonett[serve]' "
+        raise MissingExtraError(
+            f"Serving needs fastapi, uvicorn, pydantic and openai: {install_command('serve')} "
             "(or pip install 'transformers[serving]')."
         )
 
@@ -250,7 +251,8 @@ def serve(
     **app_kwargs: Any,
 ) -> None:
     """Load `folder` and answer OpenAI-style requests on http://host:port until interrupted (see `build_app`)."""
-    import uvicorn
+    with requires_extra("serve"):
+        import uvicorn
 
     app = build_app(folder, **app_kwargs)
     logger.info("serving %s on http://%s:%d/v1 (model name: %r)", folder, host, port, folder)

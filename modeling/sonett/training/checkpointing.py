@@ -35,9 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import load as accelerate_load
 from transformers import PreTrainedTokenizerBase
+
+from sonett.extras import requires_extra
+
+with requires_extra("train"):
+    from accelerate import Accelerator
+    from accelerate.utils import load as accelerate_load
 
 from sonett.model.cache_sonett import fsync_path
 

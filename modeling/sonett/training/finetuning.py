@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset, DatasetDict
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -30,6 +29,11 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+
+from sonett.extras import requires_extra
+
+with requires_extra("train"):
+    from datasets import Dataset, DatasetDict
 
 from sonett.data.instructions import default_instruction_splits
 from sonett.hub.loading import load_model, load_tokenizer
@@ -353,7 +357,8 @@ def parse_target_modules(value: str | None) -> str | list[str]:
 
 def lora_config(args: FinetuneArguments, tokenizer: PreTrainedTokenizerBase):
     """`LoraConfig` for a causal LM: preset (or overridden) targets, DoRA on request, special tokens trainable."""
-    from peft import LoraConfig
+    with requires_extra("train"):
+        from peft import LoraConfig
 
     tokens = sorted(tokenizer.added_tokens_decoder) if args.train_special_tokens else None
     return LoraConfig(
@@ -387,7 +392,8 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments, splits: 
     Returns:
         Parameter counts, validation loss before and after training, steps, and the written folders.
     """
-    from peft import get_peft_model
+    with requires_extra("train"):
+        from peft import get_peft_model
 
     if splits is None:
         splits = load_splits(args, training_args.seed)

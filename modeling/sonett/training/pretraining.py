@@ -28,9 +28,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, is_tensorboard_available, set_seed
-from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
@@ -39,6 +36,13 @@ from transformers import (
     PreTrainedTokenizerBase,
     get_cosine_schedule_with_warmup,
 )
+
+from sonett.extras import requires_extra
+
+with requires_extra("train"):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, ProjectConfiguration, is_tensorboard_available, set_seed
+    from datasets import Dataset
 
 from sonett.data.corpus import (
     Corpus,
@@ -115,24 +119,30 @@ class PretrainArguments:
             "with --streaming)"
         },
     )
-    vocab_size: int = 4096
-    block_size: int = 256
+    vocab_size: int = field(
+        default=4096, metadata={"help": "vocabulary of the BPE tokenizer trained without --tokenizer"}
+    )
+    block_size: int = field(default=256, metadata={"help": "tokens per training block (the context length trained)"})
     batch_size: int = field(default=16, metadata={"help": "blocks per process per micro-batch"})
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=800, metadata={"help": "optimizer steps"})
-    learning_rate: float = 3e-3
+    learning_rate: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (cosine schedule)"})
     gate_lr_multiplier: float = field(
         default=1.0, metadata={"help": "learning-rate factor for gate parameters (memory and cross-attention gates)"}
     )
-    weight_decay: float = 0.1
-    warmup_steps: int = 50
-    max_grad_norm: float = 1.0
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of the matrices"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps before the cosine decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this value"})
     eval_steps: int = field(default=200, metadata={"help": "validate every N steps (0: only at the end)"})
-    eval_blocks: int = 256
-    validation_fraction: float = 0.02
-    max_documents: int | None = None
+    eval_blocks: int = field(default=256, metadata={"help": "validation blocks scored at each evaluation"})
+    validation_fraction: float = field(
+        default=0.02, metadata={"help": "share of the documents held out for validation (split by document)"}
+    )
+    max_documents: int | None = field(default=None, metadata={"help": "use only the first N documents (all)"})
     mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16 (autocast)"})
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in the backward pass: less memory, more time"}
+    )
     checkpointing_steps: int = field(default=0, metadata={"help": "save a resumable checkpoint every N steps (0: off)"})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
     resume_from_checkpoint: str | None = field(
@@ -158,8 +168,8 @@ class PretrainArguments:
     nan_skip_limit: int = field(
         default=10, metadata={"help": "with --nan_policy skip: stop with an error after this many skips in a row"}
     )
-    cpu: bool = False
-    seed: int = 0
+    cpu: bool = field(default=False, metadata={"help": "train on the CPU even when a GPU is present"})
+    seed: int = field(default=0, metadata={"help": "seed of the weights, the data order and the split"})
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:

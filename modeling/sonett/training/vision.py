@@ -20,11 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
+
+from sonett.extras import requires_extra
+
+with requires_extra("train"):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+with requires_extra("vision"):
+    from PIL import Image
 
 from sonett.data.images import (
     CAPTION_QUESTION,
@@ -60,41 +65,76 @@ NEW_PARTS = ("vision_model.", "multi_modal_projector.", "model.cross_attention_b
 
 @dataclass
 class VisionArguments:
-    """Settings of one vision fine-tuning run; every field is also a `scripts/train.py vision` flag."""
+    """Settings of one vision fine-tuning run; every field is also a `sonett train vision` flag."""
 
-    text_model: str = "runs/sonett-tiny"
-    output_dir: str = "runs/sonett-tiny-vision"
-    cross_attention_layers: list[int] = field(default_factory=lambda: [1, 3, 5])
-    image_size: int = 32
-    patch_size: int = 4
-    stem: str = "convolutional"
-    vision_hidden_size: int = 96
-    vision_layers: int = 3
-    vision_heads: int = 4
-    num_visual_tokens: int | None = None
-    encoder_steps: int = 1000
-    encoder_learning_rate: float = 2e-3
-    encoder_batch_size: int = 64
-    train_shapes: int = 3000
-    test_shapes: int = 300
-    max_steps: int = 1500
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    fusion_encoder_lr_scale: float = 0.1
-    gate_lr_multiplier: float = 10.0
-    open_gates: float = 0.0
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    max_grad_norm: float = 1.0
-    text_lora_rank: int = 16
-    train_special_tokens: bool = True
-    digit_shift: int = 2
-    digit_share: float = 0.25
-    caption_share: float = 0.25
-    eval_questions: int = 600
-    mixed_precision: str = "no"
-    cpu: bool = False
-    seed: int = 0
+    text_model: str = field(
+        default="runs/sonett-tiny",
+        metadata={"help": "the trained text model folder to upgrade (`make demo` writes runs/sonett-tiny)"},
+    )
+    output_dir: str = field(
+        default="runs/sonett-tiny-vision", metadata={"help": "the multimodal model folder to write"}
+    )
+    cross_attention_layers: list[int] = field(
+        default_factory=lambda: [1, 3, 5],
+        metadata={"help": "decoder layers that get a gated cross-attention block to the image"},
+    )
+    image_size: int = field(default=32, metadata={"help": "side of the square input images in pixels"})
+    patch_size: int = field(default=4, metadata={"help": "side of one image patch in pixels"})
+    stem: str = field(
+        default="convolutional",
+        metadata={"help": "how pixels become patch tokens: patchify (one strided convolution) or convolutional"},
+    )
+    vision_hidden_size: int = field(default=96, metadata={"help": "width of the ViT image encoder"})
+    vision_layers: int = field(default=3, metadata={"help": "transformer layers of the image encoder"})
+    vision_heads: int = field(default=4, metadata={"help": "attention heads of the image encoder"})
+    num_visual_tokens: int | None = field(
+        default=None, metadata={"help": "resample the patches to this many image tokens (default: one token per patch)"}
+    )
+    encoder_steps: int = field(
+        default=1000,
+        metadata={"help": "steps of stage 1, pretraining the encoder on the image annotations (0: skip the stage)"},
+    )
+    encoder_learning_rate: float = field(default=2e-3, metadata={"help": "learning rate of stage 1"})
+    encoder_batch_size: int = field(
+        default=64, metadata={"help": "images per stage-1 batch (half digits, half shapes)"}
+    )
+    train_shapes: int = field(default=3000, metadata={"help": "generated shapes images to train on"})
+    test_shapes: int = field(default=300, metadata={"help": "generated shapes images held out for the accuracy"})
+    max_steps: int = field(
+        default=1500, metadata={"help": "optimizer steps of stage 2 (fusion: questions about images)"}
+    )
+    batch_size: int = field(default=32, metadata={"help": "questions per stage-2 batch"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate of stage 2 (cosine schedule)"})
+    fusion_encoder_lr_scale: float = field(
+        default=0.1,
+        metadata={"help": "the encoder's learning rate in stage 2, as a factor of --learning_rate (0 freezes it)"},
+    )
+    gate_lr_multiplier: float = field(
+        default=10.0, metadata={"help": "learning-rate factor of the cross-attention tanh gates"}
+    )
+    open_gates: float = field(
+        default=0.0, metadata={"help": "start the tanh gates at this value instead of 0 (closed)"}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the matrices"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps of both stages"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this value"})
+    text_lora_rank: int = field(
+        default=16, metadata={"help": "rank of LoRA adapters on the language model (0: keep it frozen)"}
+    )
+    train_special_tokens: bool = field(
+        default=True, metadata={"help": "with LoRA, train the chat template's special-token embeddings in full"}
+    )
+    digit_shift: int = field(
+        default=2, metadata={"help": "shift digit images by up to this many pixels (augmentation)"}
+    )
+    digit_share: float = field(default=0.25, metadata={"help": "share of each batch that names digits"})
+    caption_share: float = field(
+        default=0.25, metadata={"help": "share of each batch that captions shapes images (the rest: shape questions)"}
+    )
+    eval_questions: int = field(default=600, metadata={"help": "held-out shape questions scored at the end"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16 (autocast)"})
+    cpu: bool = field(default=False, metadata={"help": "train on the CPU even when a GPU is present"})
+    seed: int = field(default=0, metadata={"help": "seed of the weights, the data and the sampling"})
 
     def __post_init__(self) -> None:
         shares = {"digit_share": self.digit_share, "caption_share": self.caption_share}
@@ -210,7 +250,8 @@ def add_text_lora(model: SonettForConditionalGeneration, rank: int, trainable_to
     layer): the chat template's special tokens, which a model pretrained on plain text has never seen. Frozen at
     their initial values, `<|end|>` stays unlearnable and its constant loss and gradient crowd out the rest.
     """
-    from peft import LoraConfig, get_peft_model
+    with requires_extra("train"):
+        from peft import LoraConfig, get_peft_model
 
     targets = r"model\.layers\.\d+\.(mixer|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     tokens = {"embed_tokens": list(trainable_token_ids)} if trainable_token_ids else None
