@@ -21,11 +21,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sonett.data.corpus import pack_into_blocks, split_by_document, stdlib_corpus
 from sonett.model.modeling_sonett import SonettForCausalLM
 from sonett.presets import build_config, config_from_preset, load_preset
+from sonett.training.optimization import MEMORY_GATE, parameter_groups
 from sonett.training.pretraining import (
     PretrainArguments,
     list_checkpoints,
     make_accelerator,
-    parameter_groups,
     prepare_data,
     pretrain,
     read_checkpoint,
@@ -325,7 +325,7 @@ def test_parameter_groups_spare_norms_spans_and_gates_from_decay():
     config = config_from_preset({**MICRO_PRESET, "vocab_size": 300, "adaptive_span": True})
     model = SonettForCausalLM(config)
     names = {id(p): n for n, p in model.named_parameters()}
-    decay, no_decay, gates = parameter_groups(model, 0.1, gate_lr=0.5, gate_names=(".mixer.gate",))
+    decay, no_decay, gates = parameter_groups(model, 0.1, gate_lr=0.5, gate_roles=(MEMORY_GATE,))
     assert (decay["weight_decay"], no_decay["weight_decay"], gates["weight_decay"], gates["lr"]) == (0.1, 0, 0, 0.5)
     assert [names[id(p)] for p in gates["params"]] == ["model.layers.2.mixer.gate"]
     no_decay_names = {names[id(p)] for p in no_decay["params"]}

@@ -108,7 +108,7 @@ def test_a_frozen_encoder_stays_as_stage_one_left_it(text_folder, tmp_path):
 def test_the_encoder_learning_rate_in_the_fusion_stage():
     from torch import nn
 
-    from sonett.training.pretraining import parameter_groups
+    from sonett.training.optimization import parameter_groups
     from sonett.training.vision import encoder_learning_rate
 
     model = nn.ModuleDict({"encoder": nn.Linear(4, 4), "text": nn.Linear(4, 4)})

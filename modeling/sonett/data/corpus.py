@@ -319,7 +319,13 @@ def _cuts_are_exact(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def pack_into_blocks(
-    dataset: Corpus, tokenizer: PreTrainedTokenizerBase, block_size: int, text_column: str = "text"
+    dataset: Corpus,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    text_column: str = "text",
+    *,
+    name: str = "corpus",
+    remedy: str = "lower --block_size or add data",
 ) -> Corpus:
     """Tokenize every document, end each with EOS, concatenate and cut into blocks of `block_size` tokens.
 
@@ -328,6 +334,8 @@ def pack_into_blocks(
     is tokenised piece by piece (`text_pieces`), so memory stays bounded, with the ids of the whole document; a
     tokenizer that gives other ids for a text cut at a space (probed once) refuses such a document instead.
     Returns a Dataset (or IterableDataset) with one column `input_ids`, rows of `block_size` token ids.
+    A loaded dataset too short for one block raises a ValueError naming it (`name`, e.g. "validation split") and
+    what to do (`remedy`).
     """
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2, got {block_size}.")
@@ -397,9 +405,7 @@ def pack_into_blocks(
     total = sum(len(ids) for ids in tokens["input_ids"])
     blocks = tokens.map(group, batched=True, batch_size=PACK_GROUP_DOCUMENTS, desc="pack")
     if len(blocks) == 0:
-        raise ValueError(
-            f"The corpus has only {total} tokens, fewer than one block of {block_size}; lower --block_size or add data."
-        )
+        raise ValueError(f"The {name} has only {total:,} tokens, fewer than one block of {block_size}; {remedy}.")
     logger.info(
         "packed %d tokens into %d blocks of %d (%d tail tokens dropped)",
         total,

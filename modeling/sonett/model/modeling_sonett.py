@@ -136,6 +136,31 @@ class SonettPreTrainedModel(PreTrainedModel):
         "AutoModelForQuestionAnswering": "modeling_sonett.SonettForQuestionAnswering",
     }
 
+    # Optimizer roles of the parameters, by name, as nanoGPT's `configure_optimizers` (read by training code through
+    # `parameter_roles`): no weight decay on any tensor below 2-D (norms, biases, decays, spans, gates), on norms and
+    # on the adaptive span; the gates may train at a learning rate of their own.
+    _no_decay_parameters = ("norm", "span_logit")  # name fragments
+    _gate_parameters = {
+        "cross_attention_gate": ("attn_gate", "mlp_gate"),  # tanh gates of the cross-attention blocks, start at 0
+        "memory_gate": (".mixer.gate",),  # per-head memory/local mixing gate of memory_attention layers
+    }
+
+    def parameter_roles(self) -> dict[str, str]:
+        """Each trainable parameter's optimizer role by name: a key of `_gate_parameters` (the name ends with one
+        of its entries), "no_decay" (below 2-D, or the name holds one of `_no_decay_parameters`) or "decay"."""
+        roles = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            gate = next((role for role, ends in self._gate_parameters.items() if name.endswith(ends)), None)
+            if gate is not None:
+                roles[name] = gate
+            elif param.dim() < 2 or any(part in name for part in self._no_decay_parameters):
+                roles[name] = "no_decay"
+            else:
+                roles[name] = "decay"
+        return roles
+
     def __init__(self, config: SonettConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
         config.validate_layer_type()  # settings changed after the config was built are checked (and read back) too

@@ -32,7 +32,6 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -44,9 +43,7 @@ with requires_extra("train"):
     from accelerate.utils import load as accelerate_load
 
 from sonett.model.cache_sonett import fsync_path
-
-if TYPE_CHECKING:
-    from sonett.training.pretraining import PretrainArguments
+from sonett.training.arguments import PretrainArguments
 
 logger = logging.getLogger(__name__)
 

@@ -40,6 +40,7 @@ from sonett.hub.loading import load_model, load_tokenizer
 from sonett.hub.saving import save_model_and_tokenizer
 from sonett.hub.upload import relative_local_paths
 from sonett.model.peft_sonett import LORA_TARGET_MODULES
+from sonett.training.arguments import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,10 @@ class FinetuneArguments:
         metadata={"help": "Train the embedding rows of the tokenizer's added special tokens (PEFT trainable tokens)."},
     )
     merge: bool = field(default=False, metadata={"help": "Also write <output_dir>/merged, a full merged model."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write over an adapter or merged model already in --output_dir (refused otherwise)."},
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,6 +400,10 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments, splits: 
     with requires_extra("train"):
         from peft import get_peft_model
 
+    output_dir = Path(training_args.output_dir)
+    check_output_dir(output_dir, args.overwrite_output_dir)
+    if args.merge:
+        check_output_dir(output_dir / "merged", args.overwrite_output_dir)
     if splits is None:
         splits = load_splits(args, training_args.seed)
     model, tokenizer = load_base_model(args.base_model)
@@ -417,7 +426,6 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments, splits: 
     loss_before = trainer.evaluate()["eval_loss"]
     outcome = trainer.train()
     loss_after = trainer.evaluate()["eval_loss"]
-    output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))  # adapter_config.json, adapter_model.safetensors, tokenizer
 
     results = {

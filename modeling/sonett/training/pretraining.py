@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -34,14 +35,13 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    get_cosine_schedule_with_warmup,
 )
 
 from sonett.extras import requires_extra
 
 with requires_extra("train"):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, ProjectConfiguration, is_tensorboard_available, set_seed
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from datasets import Dataset
 
 from sonett.data.corpus import (
@@ -61,6 +61,7 @@ from sonett.hub.saving import count_parameters, write_baseline_folder, write_mod
 from sonett.model.configuration_sonett import SonettConfig
 from sonett.model.modeling_sonett import SonettForCausalLM
 from sonett.presets import build_config, load_preset, preset_values
+from sonett.training.arguments import STREAMING_TOKENIZER_DOCUMENTS, PretrainArguments, check_output_dir
 from sonett.training.checkpointing import (
     CHECKPOINTS_DIR,
     PARTIAL_SUFFIX,
@@ -79,154 +80,11 @@ from sonett.training.checkpointing import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from sonett.training.optimization import create_optimizer, create_scheduler, parameter_groups
 
 logger = logging.getLogger(__name__)
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
-NAN_POLICIES = ("skip", "stop")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-ARCHITECTURES = ("sonett", "llama")
-STREAMING_TOKENIZER_DOCUMENTS = 20_000
-
-
-@dataclass
-class PretrainArguments:
-    """Settings of one pretraining run; every field is also a `scripts/train.py` flag."""
-
-    config: str = field(default="sonett-tiny", metadata={"help": "a preset name in configuration/ or a JSON file"})
-    output_dir: str = field(default="runs/sonett-tiny", metadata={"help": "the Hub-ready model folder to write"})
-    architecture: str = field(
-        default="sonett",
-        metadata={
-            "help": "sonett, or llama: a transformers LlamaForCausalLM of the preset's shape and parameter count "
-            "(within 5%%), the baseline of scripts/compare.py"  # %% : argparse formats help texts
-        },
-    )
-    data_files: list[str] = field(
-        default_factory=list, metadata={"help": "local .txt/.jsonl/.json/.parquet files (default: the stdlib source)"}
-    )
-    dataset_name: str | None = field(default=None, metadata={"help": "a Hub dataset name (online); split `train`"})
-    text_column: str = field(default="text", metadata={"help": "the column holding the documents"})
-    streaming: bool = field(
-        default=False, metadata={"help": "read the corpus lazily (IterableDataset) for corpora larger than memory"}
-    )
-    shuffle_buffer: int = field(default=10_000, metadata={"help": "with --streaming: blocks in the shuffle buffer"})
-    tokenizer: str | None = field(default=None, metadata={"help": "a tokenizer folder; default: train a BPE"})
-    tokenizer_max_documents: int | None = field(
-        default=None,
-        metadata={
-            "help": f"train the BPE on at most this many documents (all; {STREAMING_TOKENIZER_DOCUMENTS:,} "
-            "with --streaming)"
-        },
-    )
-    vocab_size: int = field(
-        default=4096, metadata={"help": "vocabulary of the BPE tokenizer trained without --tokenizer"}
-    )
-    block_size: int = field(default=256, metadata={"help": "tokens per training block (the context length trained)"})
-    batch_size: int = field(default=16, metadata={"help": "blocks per process per micro-batch"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_steps: int = field(default=800, metadata={"help": "optimizer steps"})
-    learning_rate: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (cosine schedule)"})
-    gate_lr_multiplier: float = field(
-        default=1.0, metadata={"help": "learning-rate factor for gate parameters (memory and cross-attention gates)"}
-    )
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of the matrices"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps before the cosine decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this value"})
-    eval_steps: int = field(default=200, metadata={"help": "validate every N steps (0: only at the end)"})
-    eval_blocks: int = field(default=256, metadata={"help": "validation blocks scored at each evaluation"})
-    validation_fraction: float = field(
-        default=0.02, metadata={"help": "share of the documents held out for validation (split by document)"}
-    )
-    max_documents: int | None = field(default=None, metadata={"help": "use only the first N documents (all)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16 (autocast)"})
-    activation_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in the backward pass: less memory, more time"}
-    )
-    checkpointing_steps: int = field(default=0, metadata={"help": "save a resumable checkpoint every N steps (0: off)"})
-    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "`latest` (in output_dir/checkpoints) or a checkpoint folder"}
-    )
-    allow_changed_inputs: bool = field(
-        default=False,
-        metadata={
-            "help": "resume although the model config's values or a data file's contents changed since the "
-            "checkpoint was saved (refused otherwise); a warning names what changed"
-        },
-    )
-    report_to: str = field(
-        default="auto", metadata={"help": "tracker: tensorboard, none, another Accelerate tracker, or auto"}
-    )
-    nan_policy: str = field(
-        default="skip",
-        metadata={
-            "help": "an optimizer step whose loss or gradient norm is NaN/inf is never applied; skip: drop it, "
-            "zero the gradients and go on (logged); stop: raise NonFiniteLossError"
-        },
-    )
-    nan_skip_limit: int = field(
-        default=10, metadata={"help": "with --nan_policy skip: stop with an error after this many skips in a row"}
-    )
-    cpu: bool = field(default=False, metadata={"help": "train on the CPU even when a GPU is present"})
-    seed: int = field(default=0, metadata={"help": "seed of the weights, the data order and the split"})
-
-    def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}.")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}.")
-        if self.nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}.")
-        positive = ("block_size", "batch_size", "gradient_accumulation_steps", "max_steps", "eval_blocks")
-        positive += ("nan_skip_limit",)
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("eval_steps", "checkpointing_steps", "warmup_steps", "shuffle_buffer"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}.")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ValueError(f"checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}.")
-        if self.gate_lr_multiplier <= 0:
-            raise ValueError(f"gate_lr_multiplier must be positive, got {self.gate_lr_multiplier}.")
-        if self.report_to == "auto":
-            self.report_to = "tensorboard" if is_tensorboard_available() else "none"
-        if self.report_to == "tensorboard" and not is_tensorboard_available():
-            raise ValueError("--report_to tensorboard needs the tensorboard package: pip install tensorboard.")
-
-
-GATE_PARAMETERS = ("attn_gate", "mlp_gate")  # the tanh gates of the cross-attention blocks
-MEMORY_GATE_PARAMETERS = (".mixer.gate",)  # the per-head memory/local mixing gate of memory_attention layers
-NO_DECAY_PARAMETERS = ("span_logit",)  # learned attention spans (adaptive span)
-
-
-def parameter_groups(
-    model: torch.nn.Module,
-    weight_decay: float,
-    gate_lr: float | None = None,
-    *,
-    gate_names: tuple[str, ...] = GATE_PARAMETERS,
-) -> list[dict]:
-    """AdamW groups of the trainable parameters: decay on matrices; none on norms, biases, spans and other vectors.
-
-    With `gate_lr`, the parameters whose names end with one of `gate_names` (default: the cross-attention tanh gates,
-    which start at 0 and must open) get their own group at that learning rate, without weight decay.
-    """
-    decay, no_decay, gates = [], [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if gate_lr is not None and name.endswith(gate_names):
-            gates.append(param)
-        elif param.dim() >= 2 and "norm" not in name and not name.endswith(NO_DECAY_PARAMETERS):
-            decay.append(param)
-        else:
-            no_decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if gates:
-        groups.append({"params": gates, "weight_decay": 0.0, "lr": gate_lr})
-    return groups
 
 
 def _collate(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -306,8 +164,17 @@ def prepare_data(
     splits = split_by_document(corpus, args.validation_fraction, key="path", text_column=args.text_column)
     tokenizer = _tokenizer(args, accelerator, splits["train"], preset, checkpoint)
     with accelerator.main_process_first():
-        train_blocks = pack_into_blocks(splits["train"], tokenizer, args.block_size, args.text_column)
-        valid_blocks = pack_into_blocks(splits["validation"], tokenizer, args.block_size, args.text_column)
+        train_blocks = pack_into_blocks(
+            splits["train"], tokenizer, args.block_size, args.text_column, name="training split"
+        )
+        valid_blocks = pack_into_blocks(
+            splits["validation"],
+            tokenizer,
+            args.block_size,
+            args.text_column,
+            name=f"validation split (the documents held out by --validation_fraction {args.validation_fraction})",
+            remedy="raise --validation_fraction to hold out more documents, lower --block_size, or add data",
+        )
         valid_blocks = take_blocks(valid_blocks, args.eval_blocks)
     if args.streaming:
         train_blocks = train_blocks.shuffle(seed=args.seed, buffer_size=max(args.shuffle_buffer, 1))
@@ -553,10 +420,32 @@ def _count_skip(state: TrainState, args: PretrainArguments, outcome: _StepOutcom
     )
 
 
+def _claim_output_dir(args: PretrainArguments, accelerator: Accelerator) -> None:
+    """Refuse to start a fresh run in an `output_dir` that holds a model or an earlier run's checkpoints, unless
+    `--overwrite_output_dir` (which deletes those checkpoints, so `latest` cannot pick one of them). Resuming from a
+    checkpoint is no overwrite."""
+    if args.resume_from_checkpoint:
+        return
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    checkpoints = Path(args.output_dir) / CHECKPOINTS_DIR
+    earlier = list_checkpoints(checkpoints)
+    if earlier and not args.overwrite_output_dir:
+        raise FileExistsError(
+            f"{args.output_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in earlier)}). Continue "
+            "it with --resume_from_checkpoint latest, choose another folder with --output_dir, or pass "
+            "--overwrite_output_dir to start afresh (deleting those checkpoints)."
+        )
+    if earlier and accelerator.is_main_process:
+        logger.warning("deleting the earlier run's checkpoints in %s (--overwrite_output_dir)", checkpoints)
+        shutil.rmtree(checkpoints)
+    accelerator.wait_for_everyone()
+
+
 def pretrain(args: PretrainArguments) -> dict:
     """Run one pretraining job and write its folder to `args.output_dir`. Returns the measured results."""
     started = time.perf_counter()
     accelerator = make_accelerator(args)
+    _claim_output_dir(args, accelerator)
     set_seed(args.seed)
     preset = load_preset(args.config)
     hashing_started = time.perf_counter()
@@ -594,10 +483,9 @@ def pretrain(args: PretrainArguments) -> dict:
 
     loader = make_train_loader(data.train_blocks, args)
     valid_loader = DataLoader(data.valid_blocks, batch_size=args.batch_size, collate_fn=_collate)
-    gate_lr = args.learning_rate * args.gate_lr_multiplier
-    groups = parameter_groups(model, args.weight_decay, gate_lr, gate_names=GATE_PARAMETERS + MEMORY_GATE_PARAMETERS)
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
+    groups = parameter_groups(model, args.weight_decay, gate_lr=args.learning_rate * args.gate_lr_multiplier)
+    optimizer = create_optimizer(groups, args.learning_rate)
+    scheduler = create_scheduler(optimizer, args.warmup_steps, args.max_steps)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed clips inside its own step
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
     model, optimizer, loader, valid_loader, scheduler = accelerator.prepare(
@@ -735,7 +623,6 @@ def pretrain(args: PretrainArguments) -> dict:
 
 __all__ = [
     "CHECKPOINTS_DIR",
-    "NAN_POLICIES",
     "PARTIAL_SUFFIX",
     "RESUME_MUST_MATCH",
     "STATE_FILE",
@@ -751,7 +638,6 @@ __all__ = [
     "list_checkpoints",
     "make_accelerator",
     "make_train_loader",
-    "parameter_groups",
     "prepare_data",
     "pretrain",
     "read_checkpoint",

@@ -1,8 +1,9 @@
 """Train any causal LM on a synthetic task (MQAR, passkey) with the pretraining recipe's optimiser settings.
 
 The loop is the plain single-process form of `sonett.training.pretraining.pretrain`: AdamW (betas 0.9/0.95, decay on
-matrices only, the memory gates in their own group), a cosine schedule with warmup and gradient clipping. Batches
-come from a function of the step, so runs are reproducible and any model sees exactly the same examples.
+matrices only, the gates in their own group; `sonett.training.optimization`), a cosine schedule with warmup and
+gradient clipping. Batches come from a function of the step, so runs are reproducible and any model sees exactly the
+same examples.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
-from sonett.training.pretraining import GATE_PARAMETERS, MEMORY_GATE_PARAMETERS, parameter_groups
+from sonett.training.optimization import create_optimizer, create_scheduler, parameter_groups
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,9 @@ def train_on_task(
     run with an error naming the step.
     """
     torch.manual_seed(args.seed)
-    gate_lr = args.learning_rate * args.gate_lr_multiplier
-    groups = parameter_groups(model, args.weight_decay, gate_lr, gate_names=GATE_PARAMETERS + MEMORY_GATE_PARAMETERS)
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
+    groups = parameter_groups(model, args.weight_decay, gate_lr=args.learning_rate * args.gate_lr_multiplier)
+    optimizer = create_optimizer(groups, args.learning_rate)  # betas 0.9/0.95, eps 1e-8
+    scheduler = create_scheduler(optimizer, args.warmup_steps, args.steps)
     device = next(model.parameters()).device
     model.train()
     history, tokens, window = [], 0, []

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from sonett.extras import requires_extra
 
@@ -47,7 +46,8 @@ from sonett.hub.upload import relative_local_paths
 from sonett.model.image_processing_sonett import SonettImageProcessor
 from sonett.model.modeling_sonett import SonettForCausalLM, SonettForConditionalGeneration
 from sonett.model.processing_sonett import SonettProcessor
-from sonett.training.pretraining import parameter_groups
+from sonett.training.arguments import RUNS_DIR, check_output_dir
+from sonett.training.optimization import CROSS_ATTENTION_GATE, create_optimizer, create_scheduler, parameter_groups
 from sonett.training.vision_encoder import EncoderPretrainingModel, annotation_accuracy, pretrain_encoder, stack_targets
 
 logger = logging.getLogger(__name__)
@@ -71,8 +71,11 @@ class VisionArguments:
         default="runs/sonett-tiny",
         metadata={"help": "the trained text model folder to upgrade (`make demo` writes runs/sonett-tiny)"},
     )
-    output_dir: str = field(
-        default="runs/sonett-tiny-vision", metadata={"help": "the multimodal model folder to write"}
+    output_dir: str | None = field(
+        default=None, metadata={"help": "the multimodal model folder to write (default: runs/<text model>-vision)"}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "write over a model folder already in output_dir (refused otherwise)"}
     )
     cross_attention_layers: list[int] = field(
         default_factory=lambda: [1, 3, 5],
@@ -137,6 +140,8 @@ class VisionArguments:
     seed: int = field(default=0, metadata={"help": "seed of the weights, the data and the sampling"})
 
     def __post_init__(self) -> None:
+        if self.output_dir is None:
+            self.output_dir = str(Path(RUNS_DIR) / f"{Path(self.text_model).name}-vision")
         shares = {"digit_share": self.digit_share, "caption_share": self.caption_share}
         for name, share in shares.items():
             if not 0.0 <= share <= 1.0:
@@ -307,8 +312,11 @@ def encoder_stage(
     held-out accuracies and the final loss."""
     rng = random.Random(args.seed + 2)
     pretraining = EncoderPretrainingModel(encoder)
-    optimizer = torch.optim.AdamW(pretraining.parameters(), lr=args.encoder_learning_rate, weight_decay=0.01)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.encoder_steps)
+    # every parameter decays here, with AdamW's default betas (the recipe's settings since it was tuned)
+    optimizer = create_optimizer(
+        pretraining.parameters(), args.encoder_learning_rate, betas=(0.9, 0.999), weight_decay=0.01
+    )
+    scheduler = create_scheduler(optimizer, args.warmup_steps, args.encoder_steps)
     prepared, optimizer, scheduler = accelerator.prepare(pretraining, optimizer, scheduler)
 
     def pixels(images: list[Image.Image]) -> torch.Tensor:
@@ -347,6 +355,7 @@ def train_vision(args: VisionArguments) -> dict:
         raise FileNotFoundError(
             f"No text model at {folder}; train one first (`make demo` writes runs/sonett-tiny) or pass --text_model."
         )
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     set_seed(args.seed)
     rng = random.Random(args.seed)
@@ -403,16 +412,18 @@ def train_vision(args: VisionArguments) -> dict:
     eval_rng = random.Random(args.seed + 1)
     shapes_eval = eval_rng.sample(shapes_test, min(args.eval_questions, len(shapes_test)))
 
+    # only the cross-attention gates (which start closed) take the gate learning rate in this recipe
+    gate_lr = args.learning_rate * args.gate_lr_multiplier
     groups = encoder_learning_rate(
-        parameter_groups(model, args.weight_decay, gate_lr=args.learning_rate * args.gate_lr_multiplier),
+        parameter_groups(model, args.weight_decay, gate_lr, gate_roles=(CROSS_ATTENTION_GATE,)),
         vision_encoder(model),
         args.learning_rate * args.fusion_encoder_lr_scale,
     )
     trainable = count_parameters(model)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable %s of %s parameters", f"{trainable:,}", f"{total:,}")
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
+    optimizer = create_optimizer(groups, args.learning_rate)
+    scheduler = create_scheduler(optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     encoder = ChatEncoder(tokenizer)
 
