@@ -1,6 +1,6 @@
 """The bad-input matrix: every kind of bad input Sonett meets, refused through its public entry points with the
-exception type and a message that names the problem and the fix (DESIGN invariant 10). No case may end in a crash deep
-inside torch, a silent truncation or a wrong answer.
+exception type and a message that names the problem and the fix (docs/design.md, invariant 10). No case may end in
+a crash deep inside torch, a silent truncation or a wrong answer.
 
 Sections: tokens and masks · images · configs · training data · files (model folders, checkpoints, memory files) ·
 untrusted files (no pickle anywhere, no `torch.load` without `weights_only=True`).
