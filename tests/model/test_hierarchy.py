@@ -1,4 +1,4 @@
-"""Hourglass hierarchy: DESIGN invariants 1 (incremental decoding), 3 (causality) and 4 (padding) with a
+"""Hourglass hierarchy: docs/design.md, invariants 1 (incremental decoding), 3 (causality) and 4 (padding) with a
 shortened span of layers, for k = 2 and 3 at lengths on and off multiples of k; generation; the cache file;
 gradients; and the errors for configs and inputs a hierarchy cannot take."""
 

@@ -1,5 +1,5 @@
 """linear_attention: the chunked and recurrent forms against a naive O(n²) oracle, the feature maps, and the
-DESIGN.md §3 invariants (1, 2, 3, 4) through the full model, alone and mixed with softmax layers."""
+docs/design.md, invariants 1, 2, 3 and 4, through the full model, alone and mixed with softmax layers."""
 
 import pytest
 import torch

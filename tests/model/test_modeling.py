@@ -1,4 +1,4 @@
-"""SonettForCausalLM: the DESIGN.md §3 invariants on tiny fp32 CPU models, for each layer mix."""
+"""SonettForCausalLM: the invariants of docs/design.md on tiny fp32 CPU models, for each layer mix."""
 
 import copy
 import warnings

@@ -352,8 +352,9 @@ def one_sgd_step(model, data, tokenizer, output_dir, batch_size, accumulation):
 
 
 def test_gradient_accumulation_matches_one_large_batch(demo_like_folder, tmp_path):
-    """Two micro-batches of 4 give the step and the logged loss of one batch of 8 (DESIGN invariant 7): the mean
-    classification loss must be divided by the accumulation steps, so the heads do not take `num_items_in_batch`."""
+    """Two micro-batches of 4 give the step and the logged loss of one batch of 8 (docs/design.md, invariant 7): the
+    mean classification loss must be divided by the accumulation steps, so the heads do not take `num_items_in_batch`.
+    """
     tokenizer = AutoTokenizer.from_pretrained(demo_like_folder, trust_remote_code=True)
     data = sentiment_data(tokenizer, count=8)
     steps = {}

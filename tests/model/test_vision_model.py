@@ -1,4 +1,4 @@
-"""SonettForConditionalGeneration: DESIGN invariants 1, 5 and 6 with images, image order (an image after a text
+"""SonettForConditionalGeneration: docs/design.md, invariants 1, 5 and 6 with images, image order (an image after a text
 position cannot influence it), padding, generation, the cache, and the errors for inputs it cannot take."""
 
 import subprocess

@@ -1,5 +1,5 @@
 """Distributed training: two data-parallel CPU processes (gloo, started by `accelerate launch` with the repository's
-own config) train exactly as one process with the same global batch (DESIGN invariant 9), and every Accelerate
+own config) train exactly as one process with the same global batch (docs/design.md, invariant 9), and every Accelerate
 config in configuration/accelerate/ is one `accelerate launch` accepts."""
 
 import json

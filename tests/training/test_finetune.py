@@ -1,5 +1,5 @@
 """LoRA / DoRA fine-tuning (`sonett.training.finetuning`, `scripts/finetune.py`) on a tiny model with its own tokenizer:
-answer-only labels, training lowers the validation loss, DESIGN invariant 8 (adapters save, load and merge with
+answer-only labels, training lowers the validation loss, docs/design.md, invariant 8 (adapters save, load and merge with
 identical logits, the merged folder through remote code in a fresh process), the target preset reaches every mixer
 kind and the cross-attention blocks, DoRA, the embedded instruction set, and the errors for bad input.
 
@@ -204,7 +204,7 @@ def test_user_files_are_split_or_paired_with_validation_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training, saving, loading, merging (DESIGN invariant 8)
+# Training, saving, loading, merging (docs/design.md, invariant 8)
 # ----------------------------------------------------------------------------------------------------------
 
 

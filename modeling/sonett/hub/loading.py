@@ -43,7 +43,7 @@ from sonett.hub.upload import CODE_CONFIG_FILES, package_code_files
 logger = logging.getLogger(__name__)
 
 # The model's code files, which `save_pretrained` copies into every model folder: name -> the installed copy (the
-# package's `*_sonett.py`; DESIGN section 4: the shipped list is the folder's contents, never a hand-kept list).
+# package's `*_sonett.py`; docs/design.md, "The shipped model": the list is the folder's contents, never by hand).
 SHIPPED_CODE = package_code_files()
 SHIPPED_CODE_FILES = frozenset(SHIPPED_CODE)
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"

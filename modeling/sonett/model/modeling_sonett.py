@@ -1779,7 +1779,7 @@ class SonettForConditionalGeneration(SonettForCausalLM):
         input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, pixel_values: torch.Tensor | None
     ) -> None:
         """Refuse pixel_values whose batch size differs from the text's (a model call without images stays a text-only
-        run, markers included: with closed gates it equals the text model, DESIGN invariant 6)."""
+        run, markers included: with closed gates it equals the text model, docs/design.md, invariant 6)."""
         text = input_ids if input_ids is not None else inputs_embeds
         if pixel_values is not None and pixel_values.dim() == 5 and text is not None and len(pixel_values) != len(text):
             raise ValueError(
@@ -1830,7 +1830,8 @@ class SonettForSequenceClassification(GenericForSequenceClassification, SonettPr
     """
 
     # The loss is a mean over the batch that ignores the Trainer's `num_items_in_batch`; False makes the Trainer
-    # divide it by the gradient-accumulation steps, so accumulation matches one large batch (DESIGN invariant 7).
+    # divide it by the gradient-accumulation steps, so accumulation matches one large batch (docs/design.md,
+    # invariant 7).
     accepts_loss_kwargs = False
 
     def __init__(self, config: SonettConfig) -> None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 from transformers.utils import is_peft_available
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Matched with re.fullmatch against each module name: the projections of every decoder mixer (any layer kind, DESIGN
-# §2 gives them the same names) and MLP, and of the gated cross-attention blocks; not the vision encoder, the
-# projector, the hourglass or the output layer. The optional prefix makes it fit `SonettModel` (`layers.0...`) as
-# well as the heads that hold it as `model`.
+# Matched with re.fullmatch against each module name: the projections of every decoder mixer (any layer kind; they
+# share their names, docs/design.md, "One list drives every layer") and MLP, and of the gated cross-attention
+# blocks; not the vision encoder, the projector, the hourglass or the output layer. The optional prefix makes it fit
+# `SonettModel` (`layers.0...`) as well as the heads that hold it as `model`.
 LORA_TARGET_MODULES = (
     r"(?:.*\.)?(?:layers\.\d+\.(?:mixer|mlp)|cross_attention_blocks\.\d+\.(?:cross_attn|mlp))\."
     rf"(?:{'|'.join(PROJECTIONS)})"
