@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/python scripts/train.py
+	$(BIN)/sonett train --overwrite_output_dir
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

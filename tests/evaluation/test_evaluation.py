@@ -171,7 +171,7 @@ def run(model_folder: Path, **overrides) -> dict:
 
 
 def test_missing_or_incomplete_model_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No model folder at .*; pass a folder written by scripts/train.py"):
+    with pytest.raises(FileNotFoundError, match="No model folder at .*; pass a folder written by `sonett train`"):
         run(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         run(tmp_path)

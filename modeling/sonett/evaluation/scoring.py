@@ -108,7 +108,7 @@ def load_model(folder: str, device: str) -> tuple[PreTrainedModel, PreTrainedTok
     path = Path(folder)
     if not path.is_dir():
         raise FileNotFoundError(
-            f"No model folder at {folder}; pass a folder written by scripts/train.py (e.g. runs/sonett-tiny)."
+            f"No model folder at {folder}; pass a folder written by `sonett train` (e.g. runs/sonett-tiny)."
         )
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json, so it is not a saved model folder.")
@@ -123,8 +123,8 @@ def load_model_only(folder: str, device: str) -> PreTrainedModel:
     """The causal LM saved in `folder` (no code of the folder runs), in eval mode on `device`; no tokenizer needed."""
     if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(
-            f"No model folder at {folder} (no config.json); pass a folder written by scripts/train.py or "
-            "scripts/compare.py."
+            f"No model folder at {folder} (no config.json); pass a folder written by `sonett train` or "
+            "`sonett compare`."
         )
     return load_causal_lm(folder).to(device).eval()
 

@@ -96,7 +96,7 @@ class Conversation:
             f"The conversation is full: it holds {held} tokens, this turn adds {turn_tokens} and a reply of up to "
             f"{max_new_tokens} tokens plus its end token would reach {needed}, but this model's full_attention layers "
             f"take at most {limit} positions (max_position_embeddings={config.max_position_embeddings}). "
-            "Start a new conversation (scripts/chat.py: /reset; in Python a new Conversation), "
+            "Start a new conversation (sonett chat: /reset; in Python a new Conversation), "
             + (f"lower max_new_tokens to {shorter} or less, " if shorter >= 1 else "")
             + "or chat with a constant-memory model without full_attention layers (e.g. one trained from "
             "configuration/sonett-tiny-constant.json), whose state never fills up."

@@ -161,7 +161,7 @@ class SonettModelManager(ModelManager):
         if model_id_and_revision != pinned:
             raise ValueError(
                 f"This server serves only {self.force_model!r} (it loads that folder and no other); "
-                f"{model_id_and_revision!r} was refused. Start another `scripts/serve.py` for another model."
+                f"{model_id_and_revision!r} was refused. Start another `sonett serve` for another model."
             )
         check_folder(split_revision(model_id_and_revision)[0])
         model, processor = super().load_model_and_processor(model_id_and_revision, *args, **kwargs)

@@ -78,7 +78,7 @@ class PretrainArguments:
         default="sonett",
         metadata={
             "help": "sonett, or llama: a transformers LlamaForCausalLM of the preset's shape and parameter count "
-            "(within 5%%), the baseline of scripts/compare.py"  # %% : argparse formats help texts
+            "(within 5%%), the baseline of `sonett compare lm`"  # %% : argparse formats help texts
         },
     )
     data_files: list[str] = field(

@@ -49,7 +49,7 @@ IGNORE_INDEX = -100
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 BASE_MODEL_HINT = "run `make demo` to write runs/sonett-tiny, or pass --base_model <model folder or Hub id>"
 
-# Trainer settings this recipe changes from the TrainingArguments defaults (scripts/finetune.py uses them too).
+# Trainer settings this recipe changes from the TrainingArguments defaults (`sonett finetune` uses them too).
 TRAINING_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/sonett-tiny-lora",
     "learning_rate": 2e-3,

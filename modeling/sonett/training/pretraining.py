@@ -11,7 +11,7 @@ written). A run resumed from one sees the same data in the same order, so its lo
 uninterrupted run.
 
 Crash safety: SIGINT and SIGTERM during training stop the run after the current optimizer step, on every process
-at the same step, with a checkpoint (`TrainingInterrupted`; `scripts/train.py` exits with 128 + the signal number).
+at the same step, with a checkpoint (`TrainingInterrupted`; `sonett train` exits with 128 + the signal number).
 A step whose loss or gradient norm is not finite is never applied: `--nan_policy skip` steps over it (at most
 `--nan_skip_limit` in a row), `--nan_policy stop` raises `NonFiniteLossError`.
 """
@@ -262,7 +262,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     A KeyboardInterrupt, so `except Exception` does not swallow a requested stop. `exit_code` is 128 + the signal
     number (130 for SIGINT, 143 for SIGTERM), the status a shell reports for a process that signal ended;
-    `scripts/train.py` exits with it.
+    `sonett train` exits with it.
     """
 
     def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
