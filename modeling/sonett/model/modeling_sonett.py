@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import math
 import os
 import re
 from contextlib import contextmanager
@@ -40,16 +41,16 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.hub import resolve_revision
 from transformers.utils.output_capturing import OutputRecorder, resolve_hidden_states_indices, selected_hidden_states
 
-from .attention_sonett import SonettAttention
+from .attention_sonett import SonettAttention, initial_span_logit
 from .cache_sonett import SUPPORTED_CACHE_IMPLEMENTATIONS, SonettCache, SonettStaticCache
 from .configuration_sonett import ROPE_KINDS, SonettConfig
 from .cross_attention_sonett import SonettCrossAttentionBlock
-from .hierarchy_sonett import ShortenedPlacement, SonettHourglass
+from .hierarchy_sonett import ShortenedPlacement, SonettHourglass, SonettUpsampleProjection
 from .layers_sonett import PackedDocuments, SonettMLP, SonettRMSNorm, SonettRotaryEmbedding
-from .linear_attention_sonett import SonettLinearAttention
+from .linear_attention_sonett import SonettLinearAttention, initial_decay_bias
 from .memory_attention_sonett import SonettMemoryAttention
 from .peft_sonett import register_peft_target_modules
-from .vision_sonett import SonettMultiModalProjector, SonettVisionModel
+from .vision_sonett import SonettMultiModalProjector, SonettStemConvolution, SonettVisionBlock, SonettVisionModel
 
 # PEFT's default LoRA targets for `LoraConfig()` without `target_modules`, also when loaded as remote code.
 register_peft_target_modules(SonettConfig.model_type)
@@ -149,18 +150,40 @@ class SonettPreTrainedModel(PreTrainedModel):
         return False
 
     def _init_weights(self, module: nn.Module) -> None:
+        """Initialise one module; transformers calls this for every module, children before their parent.
+
+        transformers' generic rules come first (normal(0, `initializer_range`) Linear, Conv and Embedding weights,
+        zero biases, unit norms); then one branch per Sonett module type with parameters or rules of its own. A rule
+        sets only the module's own tensors: for custom code, transformers skips a module without parameters of its
+        own (an `nn.Module` that only holds submodules), so a special submodule gets its own type instead
+        (`SonettUpsampleProjection`, `SonettStemConvolution`). All go through `transformers.initialization`, which
+        skips tensors loaded from a checkpoint, so `from_pretrained` initialises only what the checkpoint lacks.
+        """
         super()._init_weights(module)
-        if hasattr(module, "reset_sonett_parameters"):
-            # Mixer-specific parameters (decays, gates, spans); uses `transformers.initialization`, which skips
-            # tensors already loaded from a checkpoint.
-            module.reset_sonett_parameters()
-        if getattr(module, "sonett_zero_init", False):
-            init.zeros_(module.weight)
-        if getattr(module, "sonett_fan_in_init", None):
-            init.kaiming_normal_(module.weight, nonlinearity=module.sonett_fan_in_init)
-        if isinstance(module, SonettMultiModalProjector) and module.resampler_queries is not None:
-            init.normal_(module.resampler_queries, std=self.config.initializer_range)
-        if isinstance(module, SonettRotaryEmbedding):
+        if isinstance(module, SonettAttention):  # full, sliding and memory_attention
+            if module.adaptive_span:
+                init.constant_(module.span_logit, initial_span_logit(module.config))
+            if isinstance(module, SonettMemoryAttention):
+                init.zeros_(module.gate)  # closed: the memory read grows in from 0
+        elif isinstance(module, SonettLinearAttention):
+            init.copy_(module.decay_bias, initial_decay_bias(module.num_heads).to(module.decay_bias.device))
+            if module.conv_size > 0:  # PyTorch's default for a depthwise kernel, whose fan_in is its width
+                bound = 1.0 / math.sqrt(module.conv_size)
+                init.uniform_(module.conv1d.weight, -bound, bound)
+        elif isinstance(module, SonettUpsampleProjection):
+            init.zeros_(module.weight)  # a new hourglass adds nothing until trained
+        elif isinstance(module, SonettCrossAttentionBlock):
+            init.zeros_(module.attn_gate)  # closed tanh gates: the text model's outputs stay exactly the same
+            init.zeros_(module.mlp_gate)
+        elif isinstance(module, SonettVisionBlock):
+            init.constant_(module.attn_scale, module.LAYER_SCALE_INIT)
+            init.constant_(module.mlp_scale, module.LAYER_SCALE_INIT)
+        elif isinstance(module, SonettStemConvolution):  # fan-in (He): the features keep the pixels' scale
+            init.kaiming_normal_(module.weight, nonlinearity=module.nonlinearity)
+        elif isinstance(module, SonettMultiModalProjector):
+            if module.resampler_queries is not None:
+                init.normal_(module.resampler_queries, std=self.config.initializer_range)
+        elif isinstance(module, SonettRotaryEmbedding):
             for kind in module.kinds:
                 inv_freq, _ = module.compute_inv_freq(kind)
                 init.copy_(getattr(module, f"{kind}_inv_freq"), inv_freq)
