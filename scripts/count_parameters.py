@@ -27,9 +27,9 @@ def main() -> None:
         rows.append((sum(p.numel() for p in model.parameters()), path, config))
     for count, path, config in sorted(rows, key=lambda row: row[0]):
         kinds = ", ".join(f"{n} {k.split('_')[0]}" for k, n in Counter(config.layer_types).items())
-        if config.hierarchy:
-            span = config.hierarchy_span()
-            kinds += f"; layers {span.start}-{span.stop - 1} shortened {config.hierarchy['shorten_factor']}x"
+        if (settings := config.hierarchy_settings) is not None:
+            span = settings.span
+            kinds += f"; layers {span.start}-{span.stop - 1} shortened {settings.shorten_factor}x"
         print(
             f"| `{path.stem}` | {count / 1e6:,.1f} M | {config.num_hidden_layers} ({kinds}) | {config.hidden_size} "
             f"| {config.num_attention_heads} / {config.num_key_value_heads} | {config.sliding_window} "

@@ -51,12 +51,13 @@ class SonettHourglass(nn.Module):
 
     def __init__(self, config: SonettConfig) -> None:
         super().__init__()
-        self.shorten_factor = int(config.hierarchy["shorten_factor"])
-        self.pooling = config.hierarchy.get("pooling", "linear")
+        settings = config.hierarchy_settings
+        self.shorten_factor = settings.shorten_factor
+        self.pooling = settings.pooling
         hidden = config.hidden_size
         if self.pooling == "linear":
             self.shorten_proj = nn.Linear(self.shorten_factor * hidden, hidden, bias=False)
-        self.upsampling = config.hierarchy.get("upsampling", "repeat")
+        self.upsampling = settings.upsampling
         slots = self.shorten_factor if self.upsampling == "linear" else 1
         self.upsample_proj = SonettUpsampleProjection(hidden, slots * hidden, bias=False)  # starts at zero
 

@@ -3,9 +3,9 @@
 Each decoder layer is pre-norm: `h += mixer(norm(h)); h += mlp(norm(h))`. The mixer class of a layer comes
 from `MIXER_CLASSES[kind]`, its cache layer from `cache_sonett.CACHE_LAYER_CLASSES[kind]`, and its mask from
 the mixer's `build_mask(kind, allow_blocked=..., **mask_kwargs)`, built once per (kind, cache window) for the
-whole stack. The mask is opaque to the model: each mixer reads its own. With `config.hierarchy`, the layers of
-one span run on the sequence shortened k times (`SonettHourglass`, hierarchy_sonett.py), with their own masks,
-positions and cache state.
+whole stack. The mask is opaque to the model: each mixer reads its own. With a hierarchy
+(`config.hierarchy_settings`), the layers of one span run on the sequence shortened k times (`SonettHourglass`,
+hierarchy_sonett.py), with their own masks, positions and cache state.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class SonettPreTrainedModel(PreTrainedModel):
         super().__init__(config, *args, **kwargs)
         config.validate_layer_type()  # settings changed after the config was built are checked (and read back) too
         self._is_stateful = bool(uncroppable_parts(config))
-        if getattr(config.get_text_config(decoder=True), "hierarchy", None):
+        if getattr(config.get_text_config(decoder=True), "hierarchy_settings", None):
             self._can_compile_fullgraph = False  # no static cache for a hierarchy (see SonettStaticCache)
 
     @classmethod
@@ -535,7 +535,7 @@ def uncroppable_parts(config: SonettConfig) -> list[str]:
         layers = [str(i) for i, layer_kind in enumerate(config.layer_types) if layer_kind == kind]
         if layers:
             parts.append(f"{kind} (layer{'s' if len(layers) > 1 else ''} {', '.join(layers)})")
-    if config.hierarchy:
+    if config.hierarchy_settings is not None:
         parts.append("a hierarchy (its shortened layers have already consumed the tokens)")
     return parts
 
@@ -553,7 +553,7 @@ def full_attention_token_limit(config: SonettConfig) -> int | None:
     span = config.hierarchy_span()
     positions = config.rope_max_positions("full_attention")
     if all(i in span for i in full):
-        return positions * config.hierarchy["shorten_factor"]
+        return positions * config.hierarchy_settings.shorten_factor
     return positions
 
 
@@ -568,7 +568,7 @@ def position_limit_fix(config: SonettConfig, limit: int) -> str:
             pretrained = f"original_max_position_embeddings {params['original_max_position_embeddings']}"
         scaled = f", extended by RoPE rope_type '{rope_type}' to factor {params['factor']} x {pretrained}"
     if limit != config.rope_max_positions("full_attention"):
-        scaled += f", times shorten_factor {config.hierarchy['shorten_factor']}"
+        scaled += f", times shorten_factor {config.hierarchy_settings.shorten_factor}"
     return (
         f"this model's full_attention layers take at most {limit} positions (max_position_embeddings="
         f"{config.max_position_embeddings}{scaled}); beyond that RoPE meets positions it was never trained on. Shorten "
@@ -669,7 +669,7 @@ def mask_following_parts(config: SonettConfig) -> list[str]:
         parts.append("linear_attention layers (a running state, not a choice of keys)")
     if "memory_attention" in config.layer_types:
         parts.append("memory_attention layers (a compressive memory of every token that left the window)")
-    if config.hierarchy:
+    if config.hierarchy_settings is not None:
         parts.append("hierarchy (it pools groups of tokens)")
     return parts
 
@@ -943,7 +943,7 @@ class SonettModel(SonettPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(SonettDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = SonettRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.hourglass = SonettHourglass(config) if config.hierarchy else None
+        self.hourglass = SonettHourglass(config) if config.hierarchy_settings is not None else None
         self.cross_attention_blocks = nn.ModuleDict(
             {str(i): SonettCrossAttentionBlock(config) for i in config.cross_attention_layers or []}
         )
