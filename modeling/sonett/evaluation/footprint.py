@@ -55,7 +55,8 @@ def element_size(dtype: torch.dtype) -> int:
 
 def _shorten_factor(config: SonettConfig) -> int:
     """The hierarchy's shorten factor k (1 without a hierarchy)."""
-    return int(config.hierarchy["shorten_factor"]) if config.hierarchy else 1
+    settings = config.hierarchy_settings
+    return settings.shorten_factor if settings is not None else 1
 
 
 def layer_state_bytes(kind: str, config: SonettConfig, seen: int, dtype: torch.dtype = torch.float32) -> int:
@@ -94,7 +95,7 @@ def decode_state_bytes(config: SonettConfig, tokens: int, dtype: torch.dtype = t
         layer_state_bytes(kind, config, shortened if i in span else tokens, dtype)
         for i, kind in enumerate(config.layer_types)
     )
-    if config.hierarchy and tokens > 0:
+    if config.hierarchy_settings is not None and tokens > 0:
         total += (2 * k - 1) * config.hidden_size * element_size(dtype) + 2 * INT64_BYTES
     return total
 
@@ -112,7 +113,7 @@ def state_size(config: SonettConfig, dtype: torch.dtype = torch.float32) -> Stat
     constant = sum(
         layer_state_bytes(kind, config, filled, dtype) for kind in config.layer_types if kind != "full_attention"
     )
-    if config.hierarchy:
+    if config.hierarchy_settings is not None:
         constant += (2 * k - 1) * config.hidden_size * element_size(dtype) + 2 * INT64_BYTES
     return StateSize(per_token=per_token, constant=constant)
 
@@ -178,7 +179,7 @@ def footprint(config: SonettConfig, dtype: torch.dtype = torch.float32, contexts
     llama, llama_parameters, matched = equal_size_llama(config)
     llama_state = llama_state_size(llama, dtype)
     hierarchy = None
-    if text.hierarchy:
+    if text.hierarchy_settings is not None:
         span = text.hierarchy_span()
         hierarchy = {
             "shorten_factor": _shorten_factor(text),

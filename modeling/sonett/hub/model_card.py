@@ -63,14 +63,13 @@ def layer_mix(layer_types: list[str]) -> str:
 
 def hierarchy_sentence(config: SonettConfig) -> str:
     """`layers 1-3 run on the sequence shortened 2x (hourglass, linear pooling, repeat upsampling)`, or ""."""
-    if not getattr(config, "hierarchy", None):
+    settings = getattr(config, "hierarchy_settings", None)
+    if settings is None:
         return ""
-    span = config.hierarchy_span()
-    pooling = config.hierarchy.get("pooling", "linear")
-    upsampling = config.hierarchy.get("upsampling", "repeat")
+    span = settings.span
     return (
-        f"layers {span.start}-{span.stop - 1} run on the sequence shortened "
-        f"{config.hierarchy['shorten_factor']}x (hourglass, {pooling} pooling, {upsampling} upsampling)"
+        f"layers {span.start}-{span.stop - 1} run on the sequence shortened {settings.shorten_factor}x "
+        f"(hourglass, {settings.pooling} pooling, {settings.upsampling} upsampling)"
     )
 
 
@@ -235,8 +234,8 @@ def card_values(
     """Everything the template reads, already formatted; missing training facts print as "n/a". `card_data` is the
     YAML of `card_metadata`, for the card's header."""
     hierarchy = None
-    if getattr(config, "hierarchy", None):
-        hierarchy = {"sentence": hierarchy_sentence(config), "factor": config.hierarchy["shorten_factor"]}
+    if getattr(config, "hierarchy_settings", None) is not None:
+        hierarchy = {"sentence": hierarchy_sentence(config), "factor": config.hierarchy_settings.shorten_factor}
     vision = vision_facts(config)
     metadata = card_metadata(config, results, model_name, base_model, adapter)
     return {

@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
@@ -215,6 +214,11 @@ def eager_attention_forward(
     return output, probs
 
 
+def initial_span_logit(config: SonettConfig) -> float:
+    """The span logit every head of an adaptive-span layer starts at: sigmoid(logit) = `adaptive_span_init`."""
+    return math.log(config.adaptive_span_init / (1 - config.adaptive_span_init))
+
+
 class SonettAttention(nn.Module):
     """Causal grouped-query softmax attention with RoPE (`full_attention` / `sliding_attention`)."""
 
@@ -231,8 +235,7 @@ class SonettAttention(nn.Module):
         self.sliding_window = config.sliding_window if self.kind == "sliding_attention" else None
         self.adaptive_span = bool(config.adaptive_span) and self.kind == "sliding_attention"
         if self.adaptive_span:
-            init_logit = math.log(config.adaptive_span_init / (1 - config.adaptive_span_init))
-            self.span_logit = nn.Parameter(torch.full((config.num_attention_heads,), init_logit))
+            self.span_logit = nn.Parameter(torch.full((config.num_attention_heads,), initial_span_logit(config)))
 
         q_width = config.num_attention_heads * self.head_dim
         kv_width = config.num_key_value_heads * self.head_dim
@@ -244,11 +247,6 @@ class SonettAttention(nn.Module):
     def spans(self) -> torch.Tensor:
         """Learned span z in tokens per head `(heads,)`, in (0, sliding_window)."""
         return self.config.sliding_window * torch.sigmoid(self.span_logit)
-
-    def reset_sonett_parameters(self) -> None:
-        if self.adaptive_span:
-            init_logit = math.log(self.config.adaptive_span_init / (1 - self.config.adaptive_span_init))
-            init.constant_(self.span_logit, init_logit)
 
     def cache_window(self) -> int | None:
         """Keys (itself included) a query can still see at inference: the window, or less under adaptive spans."""

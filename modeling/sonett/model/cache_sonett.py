@@ -567,7 +567,7 @@ class SonettHourglassState:
     def __init__(self, config: SonettConfig, layer_windows: dict[int, int]) -> None:
         self.config = config
         self.layer_windows = layer_windows
-        self.shorten_factor = int(config.hierarchy["shorten_factor"])
+        self.shorten_factor = config.hierarchy_settings.shorten_factor
         self.buffer: torch.Tensor | None = None
         self.last_coarse: torch.Tensor | None = None
         self.cohorts: list[SonettHourglassCohort] = []
@@ -855,8 +855,8 @@ def _state_spec(
     span = config.hierarchy_span()
     outside = [i for i in range(layers) if i not in span]
     spec = _stream_spec("", config, windows, scalars, tensors, batch, outside)
-    if config.hierarchy:
-        k, hidden = int(config.hierarchy["shorten_factor"]), config.hidden_size
+    if config.hierarchy_settings is not None:
+        k, hidden = config.hierarchy_settings.shorten_factor, config.hidden_size
         if cohorts or "hourglass.buffer" in tensors:
             spec["hourglass.buffer"] = ((batch, k - 1, hidden), None)
             spec["hourglass.last_coarse"] = ((batch, k, hidden), None)
@@ -948,7 +948,7 @@ class SonettCache(Cache):
         super().__init__(layers=layers)
         self.hourglass = (
             SonettHourglassState(text_config, windows)
-            if with_hourglass and getattr(text_config, "hierarchy", None)
+            if with_hourglass and getattr(text_config, "hierarchy_settings", None)
             else None
         )
         # Image keys/values of each cross-attention block `(batch, kv_heads, image tokens, head_dim)`, computed once
@@ -1193,7 +1193,9 @@ class SonettCache(Cache):
                     "load it with the model that wrote it, or start a new conversation (a fresh cache) with this "
                     "model.",
                 )
-            keys = set(CACHE_FILE_KEYS) | ({"hourglass_scalars"} if getattr(text_config, "hierarchy", None) else set())
+            keys = set(CACHE_FILE_KEYS) | (
+                {"hourglass_scalars"} if getattr(text_config, "hierarchy_settings", None) else set()
+            )
             if set(metadata) != keys:
                 raise _BadFileError(
                     f"its metadata has keys {sorted(metadata)}; a memory file for this config has {sorted(keys)}"
@@ -1256,7 +1258,7 @@ class SonettStaticCache(SonettCache):
         self, config: SonettConfig, max_cache_len: int | None = None, layer_windows: dict[int, int] | None = None
     ) -> None:
         text_config = config.get_text_config(decoder=True)
-        if getattr(text_config, "hierarchy", None):
+        if getattr(text_config, "hierarchy_settings", None):
             raise ValueError(
                 "A static cache does not support a config with a hierarchy: its shortened streams change shape from "
                 "step to step, row by row. Use the dynamic cache (generate without cache_implementation, or "

@@ -127,6 +127,75 @@ def warn_misspelt_keys(config: PreTrainedConfig, extra_keys: Any) -> None:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class HierarchySettings:
+    """`SonettConfig.hierarchy` in typed form: hourglass shortening (Nawrot et al. 2021).
+
+    The decoder layers `start_layer` <= i < `end_layer` run on the sequence shortened `shorten_factor` (k) times;
+    `pooling` makes a shortened token from k states (`linear`: a projection of the k concatenated states, or `mean`),
+    `upsampling` brings the shortened outputs back (`repeat`: one linear map, its output repeated k times, or
+    `linear`: one map per position in a group). config.json holds `to_dict()`; read it with
+    `SonettConfig.hierarchy_settings`.
+    """
+
+    shorten_factor: int
+    start_layer: int
+    end_layer: int
+    pooling: str = "linear"
+    upsampling: str = "repeat"
+
+    @property
+    def span(self) -> range:
+        """Indices of the layers that run on the shortened sequence."""
+        return range(self.start_layer, self.end_layer)
+
+    def to_dict(self) -> dict[str, int | str]:
+        """The dict config.json holds, keys in `HIERARCHY_KEYS` order."""
+        return {key: getattr(self, key) for key in HIERARCHY_KEYS}
+
+    @classmethod
+    def parse(cls, hierarchy: dict | HierarchySettings, num_hidden_layers: int) -> HierarchySettings:
+        """Read a `hierarchy` dict (or settings) for a stack of `num_hidden_layers`; a ValueError names the key
+        that is wrong and what it must be."""
+        if isinstance(hierarchy, cls):
+            hierarchy = dataclasses.asdict(hierarchy)
+        if not isinstance(hierarchy, dict):
+            raise ValueError(
+                f"SonettConfig.hierarchy must be a dict like {{'shorten_factor': 2, 'start_layer': 1, 'end_layer': 3}} "
+                f"or None, got {hierarchy!r}."
+            )
+        unknown = sorted(set(hierarchy) - set(HIERARCHY_KEYS))
+        if unknown:
+            raise ValueError(f"SonettConfig.hierarchy has unknown keys {unknown}; allowed: {list(HIERARCHY_KEYS)}.")
+        missing = [key for key in ("shorten_factor", "start_layer", "end_layer") if key not in hierarchy]
+        if missing:
+            raise ValueError(f"SonettConfig.hierarchy is missing {missing}.")
+        factor, start, end = (hierarchy[key] for key in ("shorten_factor", "start_layer", "end_layer"))
+        for name, value in (("shorten_factor", factor), ("start_layer", start), ("end_layer", end)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"SonettConfig.hierarchy['{name}'] must be an integer, got {value!r}.")
+        if factor < 2:
+            raise ValueError(f"SonettConfig.hierarchy['shorten_factor'] must be >= 2, got {factor}.")
+        if num_hidden_layers < 3:
+            raise ValueError(
+                f"SonettConfig.hierarchy needs at least 3 layers (one full-length layer before the shortened span, "
+                f"one in it and one after it), got num_hidden_layers={num_hidden_layers}."
+            )
+        if not 1 <= start < end <= num_hidden_layers - 1:
+            raise ValueError(
+                f"SonettConfig.hierarchy spans layers [{start}, {end}) but the shortened span must lie strictly "
+                f"inside the {num_hidden_layers} layers: 1 <= start_layer < end_layer <= "
+                f"{num_hidden_layers - 1}, so at least one full-length layer runs before and after it."
+            )
+        settings = cls(**hierarchy)
+        for key, choices in (("pooling", HIERARCHY_POOLINGS), ("upsampling", HIERARCHY_UPSAMPLINGS)):
+            if getattr(settings, key) not in choices:
+                raise ValueError(
+                    f"SonettConfig.hierarchy['{key}'] = {getattr(settings, key)!r}; choose from {list(choices)}."
+                )
+        return settings
+
+
 @strict
 class SonettVisionConfig(PreTrainedConfig):
     r"""Configuration of Sonett's small ViT image encoder and of the projector into the text width.
@@ -276,7 +345,8 @@ class SonettConfig(PreTrainedConfig):
             `pooling`: `linear` (a projection of the k concatenated states, default) or `mean`, and
             `upsampling`: `repeat` (each shortened output repeated k times through one linear map, default) or
             `linear` (one linear map per position in the group). Windows of the shortened layers count
-            shortened tokens, so they reach k times further back.
+            shortened tokens, so they reach k times further back. A `HierarchySettings` is taken too; the config
+            stores (and saves) the dict, every key spelled out, and `config.hierarchy_settings` reads it back typed.
         vision_config: a `SonettVisionConfig` (or its dict) for the image encoder of
             `SonettForConditionalGeneration`; None for a text-only model.
         cross_attention_layers: indices of the decoder layers that get a gated cross-attention block to the images
@@ -339,7 +409,7 @@ class SonettConfig(PreTrainedConfig):
     linear_use_fla: bool = True
     memory_update: str = "linear"
     memory_chunk_size: int = 64
-    hierarchy: dict | None = None
+    hierarchy: dict | HierarchySettings | None = None
     vision_config: dict | SonettVisionConfig | None = None
     cross_attention_layers: list[int] | None = None
     image_token_id: int | None = None
@@ -642,44 +712,10 @@ class SonettConfig(PreTrainedConfig):
             raise ValueError(f"SonettConfig.adaptive_span_loss_coef must be >= 0, got {self.adaptive_span_loss_coef}.")
 
     def _check_hierarchy(self) -> None:
-        if self.hierarchy is None:
-            return
-        if not isinstance(self.hierarchy, dict):
-            raise ValueError(
-                f"SonettConfig.hierarchy must be a dict like {{'shorten_factor': 2, 'start_layer': 1, 'end_layer': 3}} "
-                f"or None, got {self.hierarchy!r}."
-            )
-        unknown = sorted(set(self.hierarchy) - set(HIERARCHY_KEYS))
-        if unknown:
-            raise ValueError(f"SonettConfig.hierarchy has unknown keys {unknown}; allowed: {list(HIERARCHY_KEYS)}.")
-        missing = [key for key in ("shorten_factor", "start_layer", "end_layer") if key not in self.hierarchy]
-        if missing:
-            raise ValueError(f"SonettConfig.hierarchy is missing {missing}.")
-        factor, start, end = (self.hierarchy[key] for key in ("shorten_factor", "start_layer", "end_layer"))
-        for name, value in (("shorten_factor", factor), ("start_layer", start), ("end_layer", end)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"SonettConfig.hierarchy['{name}'] must be an integer, got {value!r}.")
-        if factor < 2:
-            raise ValueError(f"SonettConfig.hierarchy['shorten_factor'] must be >= 2, got {factor}.")
-        if self.num_hidden_layers < 3:
-            raise ValueError(
-                f"SonettConfig.hierarchy needs at least 3 layers (one full-length layer before the shortened span, "
-                f"one in it and one after it), got num_hidden_layers={self.num_hidden_layers}."
-            )
-        if not 1 <= start < end <= self.num_hidden_layers - 1:
-            raise ValueError(
-                f"SonettConfig.hierarchy spans layers [{start}, {end}) but the shortened span must lie strictly "
-                f"inside the {self.num_hidden_layers} layers: 1 <= start_layer < end_layer <= "
-                f"{self.num_hidden_layers - 1}, so at least one full-length layer runs before and after it."
-            )
-        defaults = {"pooling": "linear", "upsampling": "repeat"}
-        for key, choices in (("pooling", HIERARCHY_POOLINGS), ("upsampling", HIERARCHY_UPSAMPLINGS)):
-            value = self.hierarchy.get(key, defaults[key])
-            if value not in choices:
-                raise ValueError(f"SonettConfig.hierarchy['{key}'] = {value!r}; choose from {list(choices)}.")
-        # Spell the defaults out, so equal hierarchies compare (and fingerprint) equal.
-        merged = {**defaults, **self.hierarchy}
-        self.hierarchy = {key: merged[key] for key in HIERARCHY_KEYS}
+        """Check `hierarchy` (a dict or a `HierarchySettings`) and store it as the dict config.json holds, every
+        key spelled out, so equal hierarchies compare (and fingerprint) equal."""
+        if self.hierarchy is not None:
+            self.hierarchy = HierarchySettings.parse(self.hierarchy, self.num_hidden_layers).to_dict()
 
     def _check_vision(self) -> None:
         layers = self.cross_attention_layers or []
@@ -708,11 +744,17 @@ class SonettConfig(PreTrainedConfig):
                 f"[0, {self.vocab_size})."
             )
 
+    @property
+    def hierarchy_settings(self) -> HierarchySettings | None:
+        """The `hierarchy` setting in typed form, or None for a flat stack: the one place everything reads it from."""
+        if self.hierarchy is None:
+            return None
+        return HierarchySettings.parse(self.hierarchy, self.num_hidden_layers)
+
     def hierarchy_span(self) -> range:
         """Indices of the layers that run on the shortened sequence (empty without a hierarchy)."""
-        if self.hierarchy is None:
-            return range(0)
-        return range(self.hierarchy["start_layer"], self.hierarchy["end_layer"])
+        settings = self.hierarchy_settings
+        return range(0) if settings is None else settings.span
 
     def _check_layer_types(self) -> None:
         """Check `layer_types`, first reading saved spellings (`hybrid_sliding`) back as Sonett's kinds, also when
@@ -740,4 +782,4 @@ class SonettConfig(PreTrainedConfig):
         self._check_fields()
 
 
-__all__ = ["LAYER_KINDS", "ROPE_KINDS", "SonettConfig", "SonettVisionConfig"]
+__all__ = ["LAYER_KINDS", "ROPE_KINDS", "HierarchySettings", "SonettConfig", "SonettVisionConfig"]

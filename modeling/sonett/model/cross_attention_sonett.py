@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import initialization as init
 
 from .configuration_sonett import SonettConfig
 from .layers_sonett import SonettMLP, SonettRMSNorm
@@ -71,10 +70,6 @@ class SonettCrossAttentionBlock(nn.Module):
         self.mlp = SonettMLP(config)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.mlp_gate = nn.Parameter(torch.zeros(1))
-
-    def reset_sonett_parameters(self) -> None:
-        init.zeros_(self.attn_gate)
-        init.zeros_(self.mlp_gate)
 
     def forward(
         self, hidden_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor

@@ -39,23 +39,27 @@ class ShortenedPlacement(NamedTuple):
 RunShortened = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, object, ShortenedPlacement], torch.Tensor]
 
 
+class SonettUpsampleProjection(nn.Linear):
+    """The hourglass's upsampling map, shortened outputs -> full-length additions. Its own type so that
+    `SonettPreTrainedModel._init_weights` starts it at zero: a new hourglass first passes the full-length stream
+    through unchanged and lets the shortened path grow in, instead of adding a normalised random vector many times
+    larger than the early residual stream."""
+
+
 class SonettHourglass(nn.Module):
     """Shortening, the shortened span (run through a callback) and upsampling."""
 
     def __init__(self, config: SonettConfig) -> None:
         super().__init__()
-        self.shorten_factor = int(config.hierarchy["shorten_factor"])
-        self.pooling = config.hierarchy.get("pooling", "linear")
+        settings = config.hierarchy_settings
+        self.shorten_factor = settings.shorten_factor
+        self.pooling = settings.pooling
         hidden = config.hidden_size
         if self.pooling == "linear":
             self.shorten_proj = nn.Linear(self.shorten_factor * hidden, hidden, bias=False)
-        self.upsampling = config.hierarchy.get("upsampling", "repeat")
+        self.upsampling = settings.upsampling
         slots = self.shorten_factor if self.upsampling == "linear" else 1
-        self.upsample_proj = nn.Linear(hidden, slots * hidden, bias=False)
-        # Starts at zero (read by `SonettPreTrainedModel._init_weights`): a new hourglass first passes the
-        # full-length stream through unchanged and lets the shortened path grow in, instead of adding a
-        # normalised random vector many times larger than the early residual stream.
-        self.upsample_proj.sonett_zero_init = True
+        self.upsample_proj = SonettUpsampleProjection(hidden, slots * hidden, bias=False)  # starts at zero
 
     def upsample(self, outputs: torch.Tensor) -> torch.Tensor:
         """Shortened outputs `(batch, C, hidden)` -> what each of a group's k positions adds, `(batch, C, k, hidden)`.
@@ -224,4 +228,4 @@ def check_consecutive(positions: torch.Tensor, real: torch.Tensor) -> None:
         )
 
 
-__all__ = ["ShortenedPlacement", "SonettHourglass", "check_consecutive"]
+__all__ = ["ShortenedPlacement", "SonettHourglass", "SonettUpsampleProjection", "check_consecutive"]

@@ -27,7 +27,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import logging
 
@@ -267,7 +266,7 @@ class SonettLinearAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, v_width, bias=bias)
         self.gate_proj = nn.Linear(config.hidden_size, v_width, bias=False)
         self.decay_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
-        # Own parameter (not decay_proj.bias) so that reset_sonett_parameters alone initialises it.
+        # Own parameter (not decay_proj.bias) so that `SonettPreTrainedModel._init_weights` sets it alone.
         self.decay_bias = nn.Parameter(initial_decay_bias(self.num_heads))
         self.conv_channels = 2 * qk_width + v_width
         if self.conv_size > 0:
@@ -276,13 +275,6 @@ class SonettLinearAttention(nn.Module):
             )
         self.norm = SonettRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(v_width, config.hidden_size, bias=bias)
-
-    def reset_sonett_parameters(self) -> None:
-        """Long-memory decay bias and PyTorch's default depthwise-conv init (skipped for loaded tensors)."""
-        init.copy_(self.decay_bias, initial_decay_bias(self.num_heads).to(self.decay_bias.device))
-        if self.conv_size > 0:
-            bound = 1.0 / math.sqrt(self.conv_size)  # fan_in of a depthwise kernel is its width
-            init.uniform_(self.conv1d.weight, -bound, bound)
 
     @staticmethod
     def build_mask(

@@ -26,7 +26,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import initialization as init
 from transformers.cache_utils import Cache
 
 from .attention_sonett import SonettAttention
@@ -197,9 +196,6 @@ class SonettMemoryAttention(SonettAttention):
         self.memory_update = config.memory_update
         self.memory_chunk_size = config.memory_chunk_size
         self.gate = nn.Parameter(torch.zeros(config.num_attention_heads))
-
-    def reset_sonett_parameters(self) -> None:
-        init.zeros_(self.gate)
 
     @staticmethod
     def build_mask(

@@ -3,9 +3,9 @@
 Each decoder layer is pre-norm: `h += mixer(norm(h)); h += mlp(norm(h))`. The mixer class of a layer comes
 from `MIXER_CLASSES[kind]`, its cache layer from `cache_sonett.CACHE_LAYER_CLASSES[kind]`, and its mask from
 the mixer's `build_mask(kind, allow_blocked=..., **mask_kwargs)`, built once per (kind, cache window) for the
-whole stack. The mask is opaque to the model: each mixer reads its own. With `config.hierarchy`, the layers of
-one span run on the sequence shortened k times (`SonettHourglass`, hierarchy_sonett.py), with their own masks,
-positions and cache state.
+whole stack. The mask is opaque to the model: each mixer reads its own. With a hierarchy
+(`config.hierarchy_settings`), the layers of one span run on the sequence shortened k times (`SonettHourglass`,
+hierarchy_sonett.py), with their own masks, positions and cache state.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import math
 import os
 import re
 from contextlib import contextmanager
@@ -40,16 +41,16 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.hub import resolve_revision
 from transformers.utils.output_capturing import OutputRecorder, resolve_hidden_states_indices, selected_hidden_states
 
-from .attention_sonett import SonettAttention
+from .attention_sonett import SonettAttention, initial_span_logit
 from .cache_sonett import SUPPORTED_CACHE_IMPLEMENTATIONS, SonettCache, SonettStaticCache
 from .configuration_sonett import ROPE_KINDS, SonettConfig
 from .cross_attention_sonett import SonettCrossAttentionBlock
-from .hierarchy_sonett import ShortenedPlacement, SonettHourglass
+from .hierarchy_sonett import ShortenedPlacement, SonettHourglass, SonettUpsampleProjection
 from .layers_sonett import PackedDocuments, SonettMLP, SonettRMSNorm, SonettRotaryEmbedding
-from .linear_attention_sonett import SonettLinearAttention
+from .linear_attention_sonett import SonettLinearAttention, initial_decay_bias
 from .memory_attention_sonett import SonettMemoryAttention
 from .peft_sonett import register_peft_target_modules
-from .vision_sonett import SonettMultiModalProjector, SonettVisionModel
+from .vision_sonett import SonettMultiModalProjector, SonettStemConvolution, SonettVisionBlock, SonettVisionModel
 
 # PEFT's default LoRA targets for `LoraConfig()` without `target_modules`, also when loaded as remote code.
 register_peft_target_modules(SonettConfig.model_type)
@@ -165,7 +166,7 @@ class SonettPreTrainedModel(PreTrainedModel):
         super().__init__(config, *args, **kwargs)
         config.validate_layer_type()  # settings changed after the config was built are checked (and read back) too
         self._is_stateful = bool(uncroppable_parts(config))
-        if getattr(config.get_text_config(decoder=True), "hierarchy", None):
+        if getattr(config.get_text_config(decoder=True), "hierarchy_settings", None):
             self._can_compile_fullgraph = False  # no static cache for a hierarchy (see SonettStaticCache)
 
     @classmethod
@@ -174,18 +175,40 @@ class SonettPreTrainedModel(PreTrainedModel):
         return False
 
     def _init_weights(self, module: nn.Module) -> None:
+        """Initialise one module; transformers calls this for every module, children before their parent.
+
+        transformers' generic rules come first (normal(0, `initializer_range`) Linear, Conv and Embedding weights,
+        zero biases, unit norms); then one branch per Sonett module type with parameters or rules of its own. A rule
+        sets only the module's own tensors: for custom code, transformers skips a module without parameters of its
+        own (an `nn.Module` that only holds submodules), so a special submodule gets its own type instead
+        (`SonettUpsampleProjection`, `SonettStemConvolution`). All go through `transformers.initialization`, which
+        skips tensors loaded from a checkpoint, so `from_pretrained` initialises only what the checkpoint lacks.
+        """
         super()._init_weights(module)
-        if hasattr(module, "reset_sonett_parameters"):
-            # Mixer-specific parameters (decays, gates, spans); uses `transformers.initialization`, which skips
-            # tensors already loaded from a checkpoint.
-            module.reset_sonett_parameters()
-        if getattr(module, "sonett_zero_init", False):
-            init.zeros_(module.weight)
-        if getattr(module, "sonett_fan_in_init", None):
-            init.kaiming_normal_(module.weight, nonlinearity=module.sonett_fan_in_init)
-        if isinstance(module, SonettMultiModalProjector) and module.resampler_queries is not None:
-            init.normal_(module.resampler_queries, std=self.config.initializer_range)
-        if isinstance(module, SonettRotaryEmbedding):
+        if isinstance(module, SonettAttention):  # full, sliding and memory_attention
+            if module.adaptive_span:
+                init.constant_(module.span_logit, initial_span_logit(module.config))
+            if isinstance(module, SonettMemoryAttention):
+                init.zeros_(module.gate)  # closed: the memory read grows in from 0
+        elif isinstance(module, SonettLinearAttention):
+            init.copy_(module.decay_bias, initial_decay_bias(module.num_heads).to(module.decay_bias.device))
+            if module.conv_size > 0:  # PyTorch's default for a depthwise kernel, whose fan_in is its width
+                bound = 1.0 / math.sqrt(module.conv_size)
+                init.uniform_(module.conv1d.weight, -bound, bound)
+        elif isinstance(module, SonettUpsampleProjection):
+            init.zeros_(module.weight)  # a new hourglass adds nothing until trained
+        elif isinstance(module, SonettCrossAttentionBlock):
+            init.zeros_(module.attn_gate)  # closed tanh gates: the text model's outputs stay exactly the same
+            init.zeros_(module.mlp_gate)
+        elif isinstance(module, SonettVisionBlock):
+            init.constant_(module.attn_scale, module.LAYER_SCALE_INIT)
+            init.constant_(module.mlp_scale, module.LAYER_SCALE_INIT)
+        elif isinstance(module, SonettStemConvolution):  # fan-in (He): the features keep the pixels' scale
+            init.kaiming_normal_(module.weight, nonlinearity=module.nonlinearity)
+        elif isinstance(module, SonettMultiModalProjector):
+            if module.resampler_queries is not None:
+                init.normal_(module.resampler_queries, std=self.config.initializer_range)
+        elif isinstance(module, SonettRotaryEmbedding):
             for kind in module.kinds:
                 inv_freq, _ = module.compute_inv_freq(kind)
                 init.copy_(getattr(module, f"{kind}_inv_freq"), inv_freq)
@@ -537,7 +560,7 @@ def uncroppable_parts(config: SonettConfig) -> list[str]:
         layers = [str(i) for i, layer_kind in enumerate(config.layer_types) if layer_kind == kind]
         if layers:
             parts.append(f"{kind} (layer{'s' if len(layers) > 1 else ''} {', '.join(layers)})")
-    if config.hierarchy:
+    if config.hierarchy_settings is not None:
         parts.append("a hierarchy (its shortened layers have already consumed the tokens)")
     return parts
 
@@ -555,7 +578,7 @@ def full_attention_token_limit(config: SonettConfig) -> int | None:
     span = config.hierarchy_span()
     positions = config.rope_max_positions("full_attention")
     if all(i in span for i in full):
-        return positions * config.hierarchy["shorten_factor"]
+        return positions * config.hierarchy_settings.shorten_factor
     return positions
 
 
@@ -570,7 +593,7 @@ def position_limit_fix(config: SonettConfig, limit: int) -> str:
             pretrained = f"original_max_position_embeddings {params['original_max_position_embeddings']}"
         scaled = f", extended by RoPE rope_type '{rope_type}' to factor {params['factor']} x {pretrained}"
     if limit != config.rope_max_positions("full_attention"):
-        scaled += f", times shorten_factor {config.hierarchy['shorten_factor']}"
+        scaled += f", times shorten_factor {config.hierarchy_settings.shorten_factor}"
     return (
         f"this model's full_attention layers take at most {limit} positions (max_position_embeddings="
         f"{config.max_position_embeddings}{scaled}); beyond that RoPE meets positions it was never trained on. Shorten "
@@ -671,7 +694,7 @@ def mask_following_parts(config: SonettConfig) -> list[str]:
         parts.append("linear_attention layers (a running state, not a choice of keys)")
     if "memory_attention" in config.layer_types:
         parts.append("memory_attention layers (a compressive memory of every token that left the window)")
-    if config.hierarchy:
+    if config.hierarchy_settings is not None:
         parts.append("hierarchy (it pools groups of tokens)")
     return parts
 
@@ -945,7 +968,7 @@ class SonettModel(SonettPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(SonettDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = SonettRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.hourglass = SonettHourglass(config) if config.hierarchy else None
+        self.hourglass = SonettHourglass(config) if config.hierarchy_settings is not None else None
         self.cross_attention_blocks = nn.ModuleDict(
             {str(i): SonettCrossAttentionBlock(config) for i in config.cross_attention_layers or []}
         )

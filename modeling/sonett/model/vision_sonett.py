@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import initialization as init
 
 from .configuration_sonett import SonettConfig, SonettVisionConfig
 from .layers_sonett import SonettRMSNorm
@@ -61,31 +60,35 @@ class SonettVisionBlock(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def reset_sonett_parameters(self) -> None:
-        init.constant_(self.attn_scale, self.LAYER_SCALE_INIT)
-        init.constant_(self.mlp_scale, self.LAYER_SCALE_INIT)
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states + self.attn_scale * self.self_attn(self.layer_norm1(hidden_states))
         return hidden_states + self.mlp_scale * self.down_proj(F.gelu(self.up_proj(self.layer_norm2(hidden_states))))
 
 
+class SonettStemConvolution(nn.Conv2d):
+    """A convolution of `SonettConvolutionalStem`, initialised fan-in (He) for the activation that follows it
+    (`nonlinearity`, a `torch.nn.init.calculate_gain` name) by `SonettPreTrainedModel._init_weights`."""
+
+    def __init__(self, in_channels: int, out_channels: int, nonlinearity: str, **kwargs) -> None:
+        super().__init__(in_channels, out_channels, **kwargs)
+        self.nonlinearity = nonlinearity
+
+
 class SonettConvolutionalStem(nn.Module):
     """Pixels `(images, channels, H, W)` -> patch features `(images, hidden, H / patch, W / patch)` through
     log2(patch) 3x3 stride-2 convolutions with GELU (channels doubling up to `hidden_size`) and a 1x1 convolution
-    (Xiao et al. 2021). The convolutions use fan-in (He) initialisation, so the features keep the pixels' scale."""
+    (Xiao et al. 2021). The convolutions use fan-in (He) initialisation (`SonettStemConvolution`), so the features
+    keep the pixels' scale."""
 
     def __init__(self, config: SonettVisionConfig) -> None:
         super().__init__()
         steps = config.patch_size.bit_length() - 1
         widths = [config.num_channels] + [max(config.hidden_size >> (steps - 1 - i), 8) for i in range(steps)]
         self.convs = nn.ModuleList(
-            nn.Conv2d(widths[i], widths[i + 1], kernel_size=3, stride=2, padding=1) for i in range(steps)
+            SonettStemConvolution(widths[i], widths[i + 1], "relu", kernel_size=3, stride=2, padding=1)
+            for i in range(steps)
         )
-        self.proj = nn.Conv2d(widths[-1], config.hidden_size, kernel_size=1)
-        for conv in self.convs:
-            conv.sonett_fan_in_init = "relu"
-        self.proj.sonett_fan_in_init = "linear"
+        self.proj = SonettStemConvolution(widths[-1], config.hidden_size, "linear", kernel_size=1)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -158,4 +161,4 @@ class SonettMultiModalProjector(nn.Module):
         return self.norm(self.down_proj(F.gelu(self.up_proj(features))))
 
 
-__all__ = ["SonettMultiModalProjector", "SonettVisionModel"]
+__all__ = ["SonettMultiModalProjector", "SonettStemConvolution", "SonettVisionModel"]
