@@ -205,7 +205,7 @@ def card_metadata(
     """
     tags = ["sonett", "hybrid-attention"]
     tags += ["multimodal"] if getattr(config, "vision_config", None) is not None else []
-    tags += ["hourglass"] if config.hierarchy_settings is not None else []
+    tags += ["hourglass"] if getattr(config, "hierarchy_settings", None) is not None else []
     tags += [adapter["peft_type"].lower()] if adapter else []
     tags += ["custom_code"]
     task = pipeline_tag(config)
