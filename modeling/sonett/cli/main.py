@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except MissingExtraError as error:  # an optional dependency is missing: say which extra installs it
         print(f"sonett {command}: {error}", file=sys.stderr)
         return 1
+    except (FileNotFoundError, FileExistsError, ValueError) as error:  # bad input: the message names it and the fix
+        print(f"sonett {command}: error: {error}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
 
 

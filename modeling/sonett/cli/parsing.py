@@ -33,9 +33,17 @@ def argument_parser(command: str, description: str | None) -> argparse.ArgumentP
 
 
 def dataclass_parser(dataclass_types: Any, command: str, description: str | None):
-    """A transformers `HfArgumentParser` over `dataclass_types` whose usage line reads `sonett COMMAND`."""
+    """A transformers `HfArgumentParser` over `dataclass_types` whose usage line reads `sonett COMMAND`; a flag no
+    dataclass has exits 2 with argparse's "unrecognized arguments" (HfArgumentParser raises a ValueError)."""
     from transformers import HfArgumentParser
 
-    return HfArgumentParser(
-        dataclass_types, prog=f"sonett {command}", description=description, formatter_class=HelpFormatter
-    )
+    class Parser(HfArgumentParser):
+        def parse_args_into_dataclasses(self, args=None, **kwargs) -> tuple[Any, ...]:
+            if kwargs.get("return_remaining_strings"):
+                return super().parse_args_into_dataclasses(args=args, **kwargs)
+            *parsed, remaining = super().parse_args_into_dataclasses(args=args, return_remaining_strings=True, **kwargs)
+            if remaining:
+                self.error(f"unrecognized arguments: {' '.join(remaining)}")
+            return tuple(parsed)
+
+    return Parser(dataclass_types, prog=f"sonett {command}", description=description, formatter_class=HelpFormatter)

@@ -45,7 +45,7 @@ MAX_MEMORY_HEADER_BYTES = 64 * 1024 * 1024  # a memory file's header names a few
 CACHE_FILE_KEYS = ("format", "version", "fingerprint", "layer_windows", "scalars", "weights", "checksum")
 # What a memory file that cannot be trusted tells the user to do.
 START_AGAIN = (
-    "delete it and start a new conversation (scripts/chat.py: /reset; in Python a fresh `Conversation` or "
+    "delete it and start a new conversation (`sonett chat`: /reset; in Python a fresh `Conversation` or "
     "`model.make_cache()`), which builds the state again from the next turn."
 )
 # Config fields that shape the decoding state; a cache file only fits a config that agrees on all of them.
@@ -1215,7 +1215,7 @@ class SonettCache(Cache):
                 raise refuse(
                     problem,
                     "load it with the model that made it, or start a new conversation; if you know the state fits "
-                    "this model, pass allow_other_weights=True (scripts/chat.py: --memory_from_other_model). Save "
+                    "this model, pass allow_other_weights=True (`sonett chat --memory_from_other_model`). Save "
                     "with cache.save(path, model=model) (Conversation.save does) to record the weights.",
                 )
             kinds = list(text_config.layer_types)

@@ -63,7 +63,10 @@ def check_output_dir(folder: str | Path, overwrite: bool, flag: str = "--output_
 class PretrainArguments:
     """Settings of one pretraining run; every field is also a `sonett train` flag."""
 
-    config: str = field(default="sonett-tiny", metadata={"help": "a preset name in configuration/ or a JSON file"})
+    config: str = field(
+        default="sonett-tiny",
+        metadata={"help": "a preset shipped with the package (`sonett info` lists them) or a JSON file"},
+    )
     output_dir: str | None = field(
         default=None, metadata={"help": "the Hub-ready model folder to write (default: runs/<preset name>)"}
     )
