@@ -57,7 +57,12 @@ def plot(rows: list[dict], path: Path, preset: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `sonett benchmark`."""
     parser = argument_parser("benchmark", __doc__)
-    parser.add_argument(*spellings("preset"), default="sonett-tiny-constant", help="a preset name or JSON file")
+    parser.add_argument(
+        *spellings("preset"),
+        "--config",
+        default="sonett-tiny-constant",
+        help="a preset name or JSON file (as in train)",
+    )
     parser.add_argument(
         *spellings("contexts"),
         type=int,

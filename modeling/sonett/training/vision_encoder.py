@@ -30,7 +30,7 @@ CELL_COLOURS = ("none", *COLOURS)
 
 
 def encoder_targets(example: dict) -> dict[str, torch.Tensor]:
-    """The annotation targets of one example from `vision_data`.
+    """The annotation targets of one example from `sonett.data.images`.
 
     Returns `{"digit": () long, "kinds": (4,) long, "colours": (4,) long}` indexing `DIGIT_NAMES`, `CELL_KINDS`
     and `CELL_COLOURS`; the fields an example does not have are `IGNORE` (a digit has no cells, a shapes image no
