@@ -2,7 +2,7 @@
 
     sonett compare lm        # pretraining recipe on the stdlib corpus: validation loss, tokens/s, curves
     sonett compare mqar      # multi-query associative recall (Zoology): accuracy grid, state sizes
-    sonett compare passkey   # passkey retrieval far beyond the training length (needs make demo's tokenizer)
+    sonett compare passkey   # passkey retrieval far beyond the training length (needs sonett train's tokenizer)
 
 `lm` takes every flag of `sonett train` (`sonett.training.pretraining.PretrainArguments`; `--output_dir` is the
 parent of `sonett/` and `llama/`), `mqar` those of `sonett.evaluation.comparison.MQARArguments`, `passkey` those of
@@ -104,7 +104,7 @@ def build_passkey_parser():
         PasskeyArguments,
         "compare passkey",
         "Train Sonett and a Llama on passkey prompts at a short length, then sweep retrieval over context lengths and "
-        "needle depths far beyond it (needs a tokenizer folder: make demo writes runs/sonett-tiny).",
+        "needle depths far beyond it (needs a tokenizer folder: `sonett train` writes runs/sonett-tiny).",
     )
 
 
@@ -225,7 +225,7 @@ def plot_passkey(results: dict, path: Path) -> None:
 def main_passkey(argv: list[str]) -> None:
     (args,) = build_passkey_parser().parse_args_into_dataclasses(args=argv)
     if not Path(args.tokenizer).is_dir():
-        sys.exit(f"error: no tokenizer folder {args.tokenizer}; run `make demo` first or pass --tokenizer FOLDER.")
+        sys.exit(f"error: no tokenizer folder {args.tokenizer}; run `sonett train` first or pass --tokenizer FOLDER.")
     tokenizer = load_tokenizer(args.tokenizer)
     results = compare_passkey(args, tokenizer)
     output_dir = Path(args.output_dir)

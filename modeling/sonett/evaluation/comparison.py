@@ -272,7 +272,9 @@ class PasskeyArguments:
         default="runs/compare-passkey",
         metadata={"help": "folder for results.json, the heat map, the loss curves and the model folders"},
     )
-    tokenizer: str = field(default="runs/sonett-tiny", metadata={"help": "a tokenizer folder (make demo writes one)"})
+    tokenizer: str = field(
+        default="runs/sonett-tiny", metadata={"help": "a tokenizer folder (`sonett train` writes one)"}
+    )
     preset: str = field(default="sonett-tiny-constant", metadata={"help": "the Sonett preset to train"})
     sonett_model: str | None = field(
         default=None, metadata={"help": "start Sonett from this pretrained folder (of the preset) instead of scratch"}

@@ -47,7 +47,9 @@ logger = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
-BASE_MODEL_HINT = "run `make demo` to write runs/sonett-tiny, or pass --base_model <model folder or Hub id>"
+BASE_MODEL_HINT = (
+    "run `sonett train` (or `make demo`) to write runs/sonett-tiny, or pass --base_model <model folder or Hub id>"
+)
 
 # Trainer settings this recipe changes from the TrainingArguments defaults (`sonett finetune` uses them too).
 TRAINING_DEFAULTS: dict[str, Any] = {

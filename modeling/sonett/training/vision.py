@@ -69,7 +69,7 @@ class VisionArguments:
 
     text_model: str = field(
         default="runs/sonett-tiny",
-        metadata={"help": "the trained text model folder to upgrade (`make demo` writes runs/sonett-tiny)"},
+        metadata={"help": "the trained text model folder to upgrade (`sonett train` writes runs/sonett-tiny)"},
     )
     output_dir: str | None = field(
         default=None, metadata={"help": "the multimodal model folder to write (default: runs/<text model>-vision)"}
@@ -353,7 +353,7 @@ def train_vision(args: VisionArguments) -> dict:
     folder = Path(args.text_model)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
-            f"No text model at {folder}; train one first (`make demo` writes runs/sonett-tiny) or pass --text_model."
+            f"No text model at {folder}; train one first (`sonett train` writes runs/sonett-tiny) or pass --text_model."
         )
     check_output_dir(args.output_dir, args.overwrite_output_dir)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
