@@ -59,8 +59,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
 
     # The sonett package's own classes load the folder: none of its code runs (sonett.hub.loading).
-    tokenizer = load_tokenizer(args.model, revision=args.revision)
-    model = load_model(args.model, revision=args.revision)
+    try:
+        tokenizer = load_tokenizer(args.model, revision=args.revision)
+        model = load_model(args.model, revision=args.revision)
+    except OSError as error:  # transformers' "Repo id must be ..." / "couldn't connect" for a mistyped folder
+        if Path(args.model).expanduser().exists():
+            raise
+        parser.error(
+            f"{args.model} is neither a model folder nor a Hub repository that could be loaded ({error}). Pass a "
+            "folder written by `sonett train` (e.g. runs/sonett-tiny) or a Hub id."
+        )
     if args.memory is not None and args.memory.is_file():
         try:
             conversation = Conversation.load(
