@@ -76,6 +76,11 @@ def load_config(target: str) -> tuple[SonettConfig, str]:
                 "presets."
             )
         return SonettConfig.from_pretrained(path), "folder"
+    if not path.exists() and ("/" in target or target.endswith(".json")):  # a path, not a preset name
+        raise FileNotFoundError(
+            f"No model folder or preset file at {target}; pass a folder written by save_pretrained (or `sonett "
+            f"train`), a preset JSON file, or a preset name: one of {preset_names()}."
+        )
     return config_from_preset(load_preset(target)), "preset"
 
 
