@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from sonett.extras import MissingExtraError
+
+# Set to any value to get the full traceback of an error the command would otherwise print as one message.
+TRACEBACK_VARIABLE = "SONETT_TRACEBACK"
 
 # name -> (module under sonett.cli with a `main(argv)` function, one line for `sonett --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -69,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sonett {command}: {error}", file=sys.stderr)
         return 1
     except (FileNotFoundError, FileExistsError, ValueError) as error:  # bad input: the message names it and the fix
+        if os.environ.get(TRACEBACK_VARIABLE):
+            raise
         print(f"sonett {command}: error: {error}", file=sys.stderr)
+        print(f"(set {TRACEBACK_VARIABLE}=1 to see where it was raised)", file=sys.stderr)
         return 1
     return result if isinstance(result, int) else 0
 
