@@ -3,7 +3,7 @@
 
 import sys
 
-from sonett.cli.main import main
+from sonett.cli.chat import main
 
 if __name__ == "__main__":
-    sys.exit(main(["chat", *sys.argv[1:]]))
+    sys.exit(main(sys.argv[1:]))

@@ -4,7 +4,7 @@ same as `sonett info` with no model (see `sonett info --help`)."""
 
 import sys
 
-from sonett.cli.main import main
+from sonett.cli.info import main
 
 if __name__ == "__main__":
-    sys.exit(main(["info", *sys.argv[1:]]))
+    sys.exit(main(sys.argv[1:]))

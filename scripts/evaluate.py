@@ -8,7 +8,7 @@ from pathlib import Path
 # `import evaluate` import this file: drop that folder before importing the command.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
-from sonett.cli.main import main  # noqa: E402
+from sonett.cli.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    sys.exit(main(sys.argv[1:]))

@@ -54,16 +54,3 @@ def test_sonett_traceback_raises_the_error_instead(monkeypatch):
     monkeypatch.setenv("SONETT_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError, match="No preset 'no-such-preset'"):
         sonett(["train", "--config", "no-such-preset", "--max_steps", "1"])
-
-
-def test_an_old_script_goes_through_the_command_and_gives_the_same_message(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--config", "no-such-preset"], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 1
-    assert "sonett train: error: No preset 'no-such-preset'" in result.stderr and "Traceback" not in result.stderr
