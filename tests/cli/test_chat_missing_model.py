@@ -20,3 +20,15 @@ def test_chat_names_a_missing_model_folder(tmp_path, monkeypatch, name):
     text = out.getvalue()
     assert f"sonett chat: error: {missing} is neither a model folder nor a Hub repository" in text
     assert "sonett train" in text and "Traceback" not in text
+
+
+def test_serve_names_a_missing_model_folder(tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), pytest.raises(SystemExit) as exit:
+        sonett(["serve", "./nothere"])
+    assert exit.value.code == 2
+    text = out.getvalue()
+    assert "sonett serve: error: ./nothere is neither a model folder nor a Hub repository" in text
+    assert "sonett train" in text and "Traceback" not in text

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from sonett.cli.parsing import argument_parser, spellings
 from sonett.inference.serving import DEFAULT_HOST, DEFAULT_PORT, serve
@@ -44,16 +45,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(
-        args.folder,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        device=args.device,
-        dtype=args.dtype,
-        attn_implementation=args.attn_implementation,
-        enable_cors=args.enable_cors,
-    )
+    try:
+        serve(
+            args.folder,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            device=args.device,
+            dtype=args.dtype,
+            attn_implementation=args.attn_implementation,
+            enable_cors=args.enable_cors,
+        )
+    except OSError as error:  # transformers' "Repo id must be ..." / "couldn't connect" for a mistyped folder
+        if Path(args.folder.split("@")[0]).expanduser().exists():
+            raise
+        parser.error(
+            f"{args.folder} is neither a model folder nor a Hub repository that could be loaded ({error}). Pass a "
+            "folder written by `sonett train` (e.g. runs/sonett-tiny) or a Hub id."
+        )
 
 
 if __name__ == "__main__":
