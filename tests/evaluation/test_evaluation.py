@@ -1,7 +1,6 @@
-"""`sonett.evaluation.scoring` and `scripts/evaluate.py` on a tiny randomly initialised Sonett: the figures equal a "
-"reference
-computed here from the model's logits with torch's cross-entropy, the default corpus is the held-out split that
-pretraining scores, the script writes its JSON and PNGs, and bad inputs get errors naming the problem."""
+"""`sonett.evaluation.scoring` and `scripts/evaluate.py` on a tiny randomly initialised Sonett: the figures equal a
+reference computed here from the model's logits with torch's cross-entropy, the default corpus is the held-out
+split that pretraining scores, the script writes its JSON and PNGs, and bad inputs get errors naming the problem."""
 
 import json
 import math

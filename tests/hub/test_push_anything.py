@@ -244,3 +244,18 @@ def test_an_adapter_pushes_to_the_hub_with_a_generated_card(folders, monkeypatch
     assert json.loads(sent["adapter_config.json"])["base_model_name_or_path"] == BASE_REPO
     for name, data in sent.items():
         assert str(folders["root"]).encode() not in data, name
+
+
+def test_quality_rows_on_a_vision_folder_count_the_vision_encoder_too(tmp_path):
+    """A folder without a recorded parameter count gets the count of the whole model its config describes."""
+    from helpers_vision import multimodal
+
+    from sonett.hub.saving import add_quality_results
+
+    _, model = multimodal()
+    model.save_pretrained(tmp_path)
+    row = {"evaluation": "mqar", "model": "0.90", "llama": "0.10", "target": "", "command": "sonett compare mqar"}
+    add_quality_results(tmp_path, [row])
+    total = sum(parameter.numel() for parameter in model.parameters())
+    card = (tmp_path / "README.md").read_text()
+    assert f"| parameters | {total:,} |" in card

@@ -13,9 +13,9 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 
+from sonett.evaluation.footprint import meta_model
 from sonett.hub.model_card import is_hub_id, render_model_card
 from sonett.model.configuration_sonett import SonettConfig
 
@@ -109,11 +109,7 @@ def _sonett_config(source: str | Path, what: str) -> SonettConfig:
 
 def count_parameters(config: SonettConfig) -> int:
     """Parameters of the model `config` describes (tied weights counted once), built on the meta device."""
-    from sonett.model.modeling_sonett import SonettForCausalLM, SonettForConditionalGeneration
-
-    model_class = SonettForConditionalGeneration if config.vision_config is not None else SonettForCausalLM
-    with torch.device("meta"):
-        return sum(p.numel() for p in model_class(config).parameters())
+    return sum(parameter.numel() for parameter in meta_model(config).parameters())
 
 
 def safetensors_parameters(path: Path) -> int:

@@ -8,7 +8,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from sonett.data.tokenizer import TURN_END_TOKEN
@@ -121,8 +120,8 @@ def write_model_folder(
 
 
 def add_quality_results(folder: str | Path, rows: list[dict]) -> None:
-    """Add side-by-side rows (see `sonett.hub.model_card.quality_rows`) to a Sonett folder's results and re-render "
-    "its card.
+    """Add side-by-side rows (see `sonett.hub.model_card.quality_rows`) to a Sonett folder's results and re-render
+    its card.
 
     A row replaces an earlier one of the same `evaluation`. The folder must hold a Sonett config; its
     `training_results.json` is created if missing.
@@ -138,10 +137,9 @@ def add_quality_results(folder: str | Path, rows: list[dict]) -> None:
     results = relative_local_paths(results, folder)  # commands name local folders
     parameters = results.get("parameters")
     if parameters is None:
-        from sonett.model.modeling_sonett import SonettForCausalLM
+        from sonett.evaluation.footprint import meta_model
 
-        with torch.device("meta"):
-            parameters = count_parameters(SonettForCausalLM(config))
+        parameters = count_parameters(meta_model(config))
     repo_id = relative_local_paths(str(folder), folder)
     card = render_model_card(config, parameters, results, folder.name, repo_id=repo_id)
     results_file.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
