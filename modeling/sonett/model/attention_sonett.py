@@ -28,7 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache_sonett import SonettStaticSlidingWindowLayer
 from .configuration_sonett import SonettConfig
-from .layers_sonett import PackedDocuments, apply_rotary_pos_emb
+from .layers_sonett import PackedDocuments, apply_rotary_pos_emb, host_reads_allowed
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -294,8 +294,12 @@ class SonettAttention(nn.Module):
         """
         if mask_kwargs["attention_mask"] is not None and mask_kwargs["attention_mask"].dim() == 4:
             return custom_4d_mask(kind, **mask_kwargs)
+        # transformers skips an all-True 2-D mask (sdpa's is_causal) after reading it back to the host; the steps of
+        # a generate that checked its prompt build the mask instead (docs/design.md, invariant 12).
+        reads = host_reads_allowed() or mask_kwargs["attention_mask"] is None
+        skip = {} if reads else {"allow_is_causal_skip": False}
         if kind == "full_attention":
-            return create_causal_mask(**mask_kwargs)
+            return create_causal_mask(**mask_kwargs, **skip)
         config, cache = mask_kwargs["config"], mask_kwargs["cache"]
         attention_mask, seq_len = mask_kwargs["attention_mask"], mask_kwargs["inputs_embeds"].shape[1]
         layer = cache.layers[mask_kwargs["layer_idx"]] if cache is not None else None
@@ -313,7 +317,7 @@ class SonettAttention(nn.Module):
             and (attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all())))
         ):
             return BlockedLocalMask(window)
-        return create_sliding_window_causal_mask(**mask_kwargs)
+        return create_sliding_window_causal_mask(**mask_kwargs, **skip)
 
     def forward(
         self,

@@ -509,7 +509,8 @@ class SonettStaticLinearAttentionLayer(SonettLinearAttentionLayer):
             self.conv_state = None if conv_state is None else torch.zeros_like(conv_state)
             self.seq_length = self.seq_length.to(recurrent_state.device)
             _mark_static(self.recurrent_state, self.conv_state, self.seq_length)
-        self.recurrent_state.copy_(recurrent_state)
+        if recurrent_state is not self.recurrent_state:  # a decode step may have updated the buffer in place
+            self.recurrent_state.copy_(recurrent_state)
         if conv_state is not None:
             self.conv_state.copy_(conv_state)
         self.seq_length.add_(num_new_tokens)

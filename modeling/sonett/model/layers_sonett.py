@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .configuration_sonett import SonettConfig
+
+# True inside `SonettForCausalLM.generate` once it has checked the whole prompt: the forward calls of that generation
+# then skip the input checks that read tensor values back to the host (docs/design.md, invariant 12).
+GENERATE_VALIDATED: ContextVar[bool] = ContextVar("sonett_generate_validated", default=False)
+
+
+def host_reads_allowed() -> bool:
+    """Whether input checks may read tensor values back to the host: not inside compiled code, and not in the
+    forward calls of a `generate` that has checked its prompt already (a decode step waits for nothing)."""
+    return not torch.compiler.is_compiling() and not GENERATE_VALIDATED.get()
 
 
 class SonettRMSNorm(nn.Module):
@@ -20,6 +33,9 @@ class SonettRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: `(..., hidden_size)` -> same shape and dtype."""
+        if hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One fused call; the same formula (x * rsqrt(mean(x²) + eps) * weight) in fp32.
+            return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
@@ -144,4 +160,12 @@ def apply_rotary_pos_emb(
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-__all__ = ["PackedDocuments", "SonettMLP", "SonettRMSNorm", "SonettRotaryEmbedding", "apply_rotary_pos_emb"]
+__all__ = [
+    "GENERATE_VALIDATED",
+    "PackedDocuments",
+    "SonettMLP",
+    "SonettRMSNorm",
+    "SonettRotaryEmbedding",
+    "apply_rotary_pos_emb",
+    "host_reads_allowed",
+]

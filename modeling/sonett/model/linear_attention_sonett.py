@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import logging
 
 from .configuration_sonett import SonettConfig
-from .layers_sonett import PackedDocuments, SonettRMSNorm
+from .layers_sonett import PackedDocuments, SonettRMSNorm, host_reads_allowed
 
 logger = logging.get_logger(__name__)
 
@@ -49,6 +49,9 @@ INITIAL_MEMORY_RANGE = (32.0, 1024.0)
 # larger chunk size gives a short sequence a chunk of its own length (equal up to float rounding), so a 6-token input
 # no longer builds chunk_size x chunk_size matrices (4.5 GB at 8192).
 FULL_CHUNK_PADDING_MAX = 256
+# Without gradients, a longer input runs the chunked form over segments of about this many tokens (whole chunks),
+# so a long prefill holds the per-token intermediates of one segment at a time (docs/benchmarks.md, prefill memory).
+PREFILL_SEGMENT = 2048
 
 
 def fla_available() -> bool:
@@ -160,6 +163,201 @@ def chunk_linear_attention(
     return out.to(v.dtype), state
 
 
+def feature_scores(q: torch.Tensor, k: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """φ(q) · φ(k) for every query/key pair: `(..., m, d_f)`, `(..., n, d_f)` -> `(..., m, n)`.
+
+    For `taylor` this is 1 + s + s² / 2 with s = q · k / sqrt(d_f) (exact: see `apply_feature_map`), computed from
+    the d_f-wide products instead of the (1 + d_f + d_f²)-wide features.
+    """
+    if feature_map != "taylor":
+        return apply_feature_map(q, feature_map) @ apply_feature_map(k, feature_map).transpose(-1, -2)
+    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    return torch.addcmul(s + 1.0, s, s, value=0.5)
+
+
+def chunk_states(chunk_kv: torch.Tensor, chunk_log_decay: torch.Tensor, initial_state: torch.Tensor) -> torch.Tensor:
+    """The state before every chunk and after the last, in one batched product instead of a loop over chunks.
+
+    S_before[i] = exp(Λ_<i) S_0 + Σ_{j<i} exp(Λ_<i - Λ_<=j) KV_j, with Λ the cumulative chunk log decay; every
+    exponent is <= 0, so no term overflows.
+
+    Args:
+        chunk_kv: what each chunk adds at its end `(batch, heads, chunks, d_phi, head_dim)`.
+        chunk_log_decay: the log decay across each chunk `(batch, heads, chunks)`.
+        initial_state: `(batch, heads, d_phi, head_dim)`.
+
+    Returns:
+        `(batch, heads, chunks + 1, d_phi, head_dim)`: the states before chunks 0..N-1, then the final state.
+    """
+    batch, heads, chunks, d_phi, head_dim = chunk_kv.shape
+    through = chunk_log_decay.cumsum(-1)  # Λ_<=j
+    before = F.pad(through, (1, 0))  # Λ_<i for i = 0..N (the last one is the whole sequence)
+    earlier = torch.ones(chunks + 1, chunks, dtype=torch.bool, device=chunk_kv.device).tril(-1)
+    weights = (before[..., :, None] - through[..., None, :]).masked_fill(~earlier, float("-inf")).exp()
+    states = weights @ chunk_kv.reshape(batch, heads, chunks, d_phi * head_dim)
+    states = states.view(batch, heads, chunks + 1, d_phi, head_dim)
+    return states + before.exp()[..., None, None] * initial_state[:, :, None]
+
+
+def fused_chunk_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    feature_map: str,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chunk_linear_attention` from the projected queries and keys, with the feature map applied inside.
+
+    The same computation, arranged for speed: the intra-chunk weights φ(q_i) · φ(k_j) come from `feature_scores`
+    (for `taylor` from d_f-wide products, not the d_phi-wide features), and the state before each chunk from one
+    batched product (`chunk_states`) instead of a loop over chunks (the loop stays for packed rows, whose resets
+    cut the chain). Equal to `chunk_linear_attention(φ(q), φ(k), ...)` up to fp32 rounding; that function is the
+    reference the tests hold this one to.
+
+    Args:
+        q, k: projected queries and keys `(batch, heads, seq, d_f)`, before the feature map.
+        v: values `(batch, heads, seq, head_dim)`; a zero value row writes nothing (how padding is kept out).
+        log_decay: log a_t <= 0, `(batch, heads, seq)`.
+        feature_map: `taylor`, `elu` or `identity`.
+        chunk_size, initial_state, resets: as in `chunk_linear_attention`.
+
+    Returns:
+        The output `(batch, heads, seq, head_dim)` in `v.dtype` and the final state `(batch, heads, d_phi, head_dim)`
+        in fp32.
+    """
+    batch, heads, seq_len, d_f = q.shape
+    head_dim = v.shape[-1]
+    d_phi = linear_feature_size(feature_map, d_f)
+    if resets is not None and not bool(resets.any()):
+        resets = None
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q, k, values, g = (t.float() for t in (q, k, v, log_decay))
+        if chunk_size > max(seq_len, FULL_CHUNK_PADDING_MAX):
+            chunk_size = max(seq_len, 1)
+        pad = (-seq_len) % chunk_size
+        if pad:  # padded tokens have zero values (they write nothing) and zero log decay
+            q, k, values = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, values))
+            g = F.pad(g, (0, pad))
+        n_chunks = (seq_len + pad) // chunk_size
+        q = q.view(batch, heads, n_chunks, chunk_size, d_f)
+        k = k.view(batch, heads, n_chunks, chunk_size, d_f)
+        values = values.view(batch, heads, n_chunks, chunk_size, head_dim)
+        cum = g.view(batch, heads, n_chunks, chunk_size).cumsum(-1)
+
+        causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+        segment = None
+        if resets is not None:
+            segment = F.pad(resets.to(q.device), (0, pad)).view(batch, 1, n_chunks, chunk_size).long().cumsum(-1)
+            causal = causal & (segment[..., :, None] == segment[..., None, :])
+        decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+        intra = (feature_scores(q, k, feature_map) * decay) @ values
+
+        # The decay factors scale the head_dim-wide side of each product, not the d_phi-wide features.
+        to_end = (cum[..., -1:] - cum).exp()
+        if segment is not None:
+            to_end = to_end * (segment == segment[..., -1:])
+        k_feat = apply_feature_map(k, feature_map)
+        chunk_kv = k_feat.transpose(-1, -2) @ (values * to_end[..., None])  # (batch, heads, chunks, d_phi, head_dim)
+        state = q.new_zeros(batch, heads, d_phi, head_dim) if initial_state is None else initial_state.float()
+        if segment is None:
+            states = chunk_states(chunk_kv, cum[..., -1], state)
+            before, state = states[:, :, :-1], states[:, :, -1].clone()
+            carried = cum.exp()
+        else:
+            chunk_decay = cum[..., -1].exp() * (segment[..., -1] == 0)
+            states_before = []
+            for index in range(n_chunks):
+                states_before.append(state)
+                state = state * chunk_decay[:, :, index, None, None] + chunk_kv[:, :, index]
+            before = torch.stack(states_before, dim=2)
+            carried = cum.exp() * (segment == 0)
+        inter = (apply_feature_map(q, feature_map) @ before) * carried[..., None]
+        out = (intra + inter).reshape(batch, heads, n_chunks * chunk_size, head_dim)[:, :, :seq_len]
+    return out.to(v.dtype), state
+
+
+def segmented_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    feature_map: str,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused_chunk_linear_attention`, over segments of `PREFILL_SEGMENT` tokens when no gradient is recorded.
+
+    A long prefill then holds the chunked form's intermediates (feature maps, chunk scores, chunk states) for one
+    segment at a time, carrying the state from segment to segment; segments are whole chunks, so the result is the
+    one-pass result up to float rounding. With gradients (training) the whole sequence runs at once. Shapes as in
+    `fused_chunk_linear_attention`.
+    """
+    seq_len = q.shape[2]
+    segment = max(PREFILL_SEGMENT // chunk_size, 1) * chunk_size
+    if torch.is_grad_enabled() or seq_len <= segment:
+        return fused_chunk_linear_attention(q, k, v, log_decay, feature_map, chunk_size, initial_state, resets)
+    out = v.new_empty(v.shape)
+    state = initial_state
+    for start in range(0, seq_len, segment):
+        piece = slice(start, start + segment)
+        out[:, :, piece], state = fused_chunk_linear_attention(
+            q[:, :, piece],
+            k[:, :, piece],
+            v[:, :, piece],
+            log_decay[:, :, piece],
+            feature_map,
+            chunk_size,
+            state,
+            None if resets is None else resets[:, piece],
+        )
+    return out, state
+
+
+def recurrent_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    feature_map: str,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step, S = a S + φ(k)ᵀ v and o = φ(q) S, updating `state` in place when no gradient is recorded.
+
+    The decode-time form of `recurrent_linear_attention` (its reference): no loop, and, under `torch.no_grad()`, the
+    state is scaled and accumulated where it lies (`mul_`, `baddbmm_`), so a decode step allocates no new state.
+
+    Args:
+        q, k: projected queries and keys `(batch, heads, 1, d_f)`, before the feature map.
+        v: values `(batch, heads, 1, head_dim)`.
+        log_decay: `(batch, heads, 1)`.
+        feature_map: `taylor`, `elu` or `identity`.
+        state: `(batch, heads, d_phi, head_dim)` fp32 before the token (overwritten under no_grad), or None.
+
+    Returns:
+        The output `(batch, heads, 1, head_dim)` in `v.dtype` and the state after the token (fp32).
+    """
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q_feat = apply_feature_map(q.float(), feature_map)
+        k_feat = apply_feature_map(k.float(), feature_map)
+        values = v.float()
+        batch, heads, _, d_phi = k_feat.shape
+        written = k_feat.transpose(-1, -2) @ values  # (batch, heads, d_phi, head_dim)
+        if state is None:
+            state = written
+        elif torch.is_grad_enabled() or state.dtype != torch.float32 or not state.is_contiguous():
+            state = state.float() * log_decay.float().exp()[..., None] + written
+        else:
+            flat = state.view(batch * heads, d_phi, -1)
+            flat.mul_(log_decay.float().exp().view(batch * heads, 1, 1))
+            flat.baddbmm_(k_feat.reshape(batch * heads, d_phi, 1), values.reshape(batch * heads, 1, -1))
+        out = q_feat @ state
+    return out.to(v.dtype), state
+
+
 def recurrent_linear_attention(
     q_feat: torch.Tensor,
     k_feat: torch.Tensor,
@@ -257,6 +455,9 @@ class SonettLinearAttention(nn.Module):
         self.chunk_size = config.linear_chunk_size
         self.conv_size = config.linear_conv_size
         self.decay_temperature = DECAY_TEMPERATURE
+        # True runs the reference forms (feature maps materialised, `chunk_linear_attention`, `F.conv1d`, the
+        # recurrent loop): the oracle the tests hold the default path to.
+        self.reference_path = False
 
         qk_width = self.num_heads * self.feature_dim
         v_width = self.num_heads * self.head_dim
@@ -297,7 +498,7 @@ class SonettLinearAttention(nn.Module):
         if attention_mask is None or attention_mask.dim() != 2:
             return None
         mask = attention_mask[:, -inputs_embeds.shape[1] :].bool()
-        if torch.compiler.is_compiling():
+        if not host_reads_allowed():
             return mask  # an all-True mask changes nothing, and testing for it would read the mask back to the host
         return None if bool(mask.all()) else mask
 
@@ -310,7 +511,29 @@ class SonettLinearAttention(nn.Module):
         (zeros). `offsets` `(batch, seq)`, each token's index within its packed document, or None: a token then
         sees no input of an earlier document (as if they were the zeros before a first token). Returns the output
         `(batch, seq, channels)` and the new conv state (None for conv_size 1).
+
+        Computed as `conv_size` shifted multiply-adds over the channels-last input (equal to `F.conv1d` with the
+        `conv1d` weight up to float rounding; `reference_short_conv` is that form): a depthwise kernel of 4 taps is
+        a handful of elementwise operations, which cost less than the convolution call and its backward on CPU.
         """
+        seq_len = x.shape[1]
+        tail = self.conv_size - 1
+        weight = self.conv1d.weight[:, 0, :].to(x.dtype)  # (channels, conv_size)
+        past = x.new_zeros(x.shape[0], tail, x.shape[2]) if conv_state is None else conv_state.transpose(1, 2)
+        full = torch.cat([past.to(x.dtype), x], dim=1)  # (batch, tail + seq, channels)
+        out = None
+        for tap in range(self.conv_size):  # tap i reads the input `tail - i` tokens back
+            term = full[:, tap : tap + seq_len] * weight[:, tap]
+            if offsets is not None and tap < tail:  # keep it only inside the token's own document
+                term = term * (offsets.to(x.device) >= tail - tap)[..., None].to(x.dtype)
+            out = term if out is None else out + term
+        new_state = full[:, full.shape[1] - tail :].transpose(1, 2) if tail > 0 else None
+        return F.silu(out), new_state
+
+    def reference_short_conv(
+        self, x: torch.Tensor, conv_state: torch.Tensor | None, offsets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`short_conv` through `F.conv1d` (and, for packed rows, an unfolded window): the reference form."""
         x = x.transpose(1, 2)
         tail = self.conv_size - 1
         if conv_state is None:
@@ -319,13 +542,35 @@ class SonettLinearAttention(nn.Module):
         if offsets is None:
             out = F.conv1d(full, self.conv1d.weight, groups=self.conv_channels)
         else:
-            # Tap i reads the input `tail - i` tokens back; keep it only inside the token's own document.
             windows = full.unfold(-1, self.conv_size, 1)  # (batch, channels, seq, conv_size)
             lags = torch.arange(tail, -1, -1, device=x.device)
             inside = (lags <= offsets.to(x.device)[..., None])[:, None].to(x.dtype)  # (batch, 1, seq, conv_size)
             out = (windows * inside * self.conv1d.weight[:, 0, None, :].to(x.dtype)).sum(-1)
         new_state = full[..., full.shape[-1] - tail :] if tail > 0 else None
         return F.silu(out).transpose(1, 2), new_state
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k `(batch, seq, heads * d_f)`, v and the gate input `(batch, seq, heads * head_dim)` and the decay
+        logits `(batch, seq, heads)` of `hidden_states` `(batch, seq, hidden_size)`.
+
+        When all five projections are plain `nn.Linear` modules, they run as one matrix product over their stacked
+        weights (the same numbers, one pass over the input). Wrapped modules (a PEFT adapter, a quantized layer)
+        are called one by one, so their own forward runs.
+        """
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.decay_proj)
+        if not all(type(module) is nn.Linear for module in projections):
+            return tuple(module(hidden_states) for module in projections)
+        weight = torch.cat([module.weight for module in projections])
+        bias = None
+        if any(module.bias is not None for module in projections):
+            bias = torch.cat(
+                [
+                    module.bias if module.bias is not None else module.weight.new_zeros(module.out_features)
+                    for module in projections
+                ]
+            )
+        fused = F.linear(hidden_states, weight, bias)
+        return fused.split([module.out_features for module in projections], dim=-1)
 
     def use_fla(self, tensor: torch.Tensor) -> bool:
         return bool(self.config.linear_use_fla) and fla_available() and tensor.is_cuda
@@ -357,47 +602,53 @@ class SonettLinearAttention(nn.Module):
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
         if mask is not None:
             mask = mask.to(device=hidden_states.device, dtype=torch.bool)
+        reference = self.reference_path
 
-        q = self.q_proj(hidden_states)
-        k = self.k_proj(hidden_states)
-        v = self.v_proj(hidden_states)
+        q, k, v, gate_input, decay_logits = self.project(hidden_states)
         new_conv_state = None
         if self.conv_size > 0:
             qkv = torch.cat([q, k, v], dim=-1)
             if mask is not None:  # padded inputs look like the zeros before the first token
                 qkv = qkv * mask[..., None].to(qkv.dtype)
             offsets = documents.offsets() if documents is not None else None
-            qkv, new_conv_state = self.short_conv(qkv, conv_state, offsets)
+            conv = self.reference_short_conv if reference else self.short_conv
+            qkv, new_conv_state = conv(qkv, conv_state, offsets)
             q, k, v = qkv.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
 
         q = q.view(batch, seq_len, self.num_heads, self.feature_dim).transpose(1, 2)
         k = k.view(batch, seq_len, self.num_heads, self.feature_dim).transpose(1, 2)
         v = v.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        q_feat = apply_feature_map(q.float(), self.feature_map)  # (batch, heads, seq, d_phi)
-        k_feat = apply_feature_map(k.float(), self.feature_map)
-        logits = self.decay_proj(hidden_states).float() + self.decay_bias.float()
+        logits = decay_logits.float() + self.decay_bias.float()
         log_decay = (F.logsigmoid(logits) / self.decay_temperature).transpose(1, 2)  # (batch, heads, seq)
-        if mask is not None:  # padded tokens neither write nor decay the state
+        if mask is not None:  # padded tokens neither write (zero value) nor decay the state
             keep = mask[:, None, :]
-            k_feat = k_feat * keep[..., None].to(k_feat.dtype)
+            v = v * keep[..., None].to(v.dtype)
             log_decay = log_decay.masked_fill(~keep, 0.0)
 
         resets = documents.starts() if documents is not None else None
-        if self.use_fla(q_feat) and resets is not None:
+        if self.use_fla(q) and resets is not None:
             # fla's simple-GLA kernels reset only between varlen sequences of a batch of one; the PyTorch form
             # honours resets in any layout.
             logger.warning_once("Packed sequences: linear_attention runs its PyTorch form instead of the fla kernels.")
-        if self.use_fla(q_feat) and resets is None:
+        if self.use_fla(q) and resets is None:
+            q_feat, k_feat = (apply_feature_map(x.float(), self.feature_map) for x in (q, k))
             out, new_state = fla_linear_attention(q_feat, k_feat, v, log_decay, recurrent_state, recurrent=seq_len == 1)
-        elif seq_len == 1:
-            out, new_state = recurrent_linear_attention(q_feat, k_feat, v, log_decay, recurrent_state)
+        elif reference:
+            q_feat, k_feat = (apply_feature_map(x.float(), self.feature_map) for x in (q, k))
+            if mask is not None:
+                k_feat = k_feat * mask[:, None, :, None].to(k_feat.dtype)
+            form = recurrent_linear_attention if seq_len == 1 else chunk_linear_attention
+            extra = () if seq_len == 1 else (self.chunk_size,)
+            out, new_state = form(q_feat, k_feat, v, log_decay, *extra, recurrent_state, resets=resets)
+        elif seq_len == 1 and resets is None:
+            out, new_state = recurrent_step(q, k, v, log_decay, self.feature_map, recurrent_state)
         else:
-            out, new_state = chunk_linear_attention(
-                q_feat, k_feat, v, log_decay, self.chunk_size, recurrent_state, resets=resets
+            out, new_state = segmented_linear_attention(
+                q, k, v, log_decay, self.feature_map, self.chunk_size, recurrent_state, resets=resets
             )
 
         out = self.norm(out.float().transpose(1, 2)).to(hidden_states.dtype)  # (batch, seq, heads, head_dim)
-        gate = F.silu(self.gate_proj(hidden_states)).view(batch, seq_len, self.num_heads, self.head_dim)
+        gate = F.silu(gate_input).view(batch, seq_len, self.num_heads, self.head_dim)
         output = self.o_proj((out * gate).reshape(batch, seq_len, -1))
         if layer is not None:
             layer.set_state(new_state, new_conv_state, num_new_tokens=seq_len)
@@ -408,7 +659,12 @@ __all__ = [
     "SonettLinearAttention",
     "apply_feature_map",
     "chunk_linear_attention",
+    "chunk_states",
+    "feature_scores",
     "fla_linear_attention",
+    "fused_chunk_linear_attention",
     "linear_feature_size",
     "recurrent_linear_attention",
+    "recurrent_step",
+    "segmented_linear_attention",
 ]

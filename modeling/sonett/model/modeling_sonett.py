@@ -46,7 +46,14 @@ from .cache_sonett import SUPPORTED_CACHE_IMPLEMENTATIONS, SonettCache, SonettSt
 from .configuration_sonett import ROPE_KINDS, SonettConfig
 from .cross_attention_sonett import SonettCrossAttentionBlock
 from .hierarchy_sonett import ShortenedPlacement, SonettHourglass, SonettUpsampleProjection
-from .layers_sonett import PackedDocuments, SonettMLP, SonettRMSNorm, SonettRotaryEmbedding
+from .layers_sonett import (
+    GENERATE_VALIDATED,
+    PackedDocuments,
+    SonettMLP,
+    SonettRMSNorm,
+    SonettRotaryEmbedding,
+    host_reads_allowed,
+)
 from .linear_attention_sonett import SonettLinearAttention, initial_decay_bias
 from .memory_attention_sonett import SonettMemoryAttention
 from .peft_sonett import register_peft_target_modules
@@ -612,7 +619,7 @@ def check_position_limit(config: SonettConfig, position_ids: torch.Tensor) -> No
     before its first step.
     """
     limit = full_attention_token_limit(config)
-    if limit is None or torch.compiler.is_compiling():
+    if limit is None or not host_reads_allowed():
         return
     last = int(position_ids.max())
     if last >= limit:
@@ -808,6 +815,19 @@ def check_label_values(name: str, labels: torch.Tensor, num_classes: int, ignore
         )
 
 
+def check_padding_mask_values(attention_mask: torch.Tensor) -> None:
+    """Raise a ValueError when a 2-D `attention_mask` holds values other than 0 and 1 (reads it back to the host)."""
+    if attention_mask.dtype == torch.bool:
+        return
+    other = (attention_mask != 0) & (attention_mask != 1)
+    if bool(other.any()):
+        raise ValueError(
+            f"The 2-D `attention_mask` must hold 1 for real tokens and 0 for padding (or be bool), but it "
+            f"holds {attention_mask[other][0].item()}: every nonzero value would count as a real token (an "
+            "additive 0 / -inf mask would be read the other way round). Pass the mask the tokenizer returned."
+        )
+
+
 def check_text_inputs(
     config: SonettConfig,
     input_ids: torch.Tensor | None,
@@ -858,7 +878,7 @@ def check_text_inputs(
             f"The cache holds {cache_batch_size} sequences but the input has batch size {shape[0]}; "
             "pass a fresh cache (or none) for a new batch."
         )
-    if input_ids is not None and not torch.compiler.is_compiling():
+    if input_ids is not None and host_reads_allowed():
         check_token_ids(config, input_ids)
     if attention_mask is not None and attention_mask.dim() == 2:
         expected = (shape[0], (past_length or 0) + shape[1])
@@ -868,14 +888,8 @@ def check_text_inputs(
                 f"(batch, cached tokens {past_length} + new tokens {shape[1]}); pass the mask the tokenizer returned "
                 "for these input_ids, extended by the new tokens when decoding with a cache."
             )
-        if attention_mask.dtype != torch.bool and not torch.compiler.is_compiling():
-            other = (attention_mask != 0) & (attention_mask != 1)
-            if bool(other.any()):
-                raise ValueError(
-                    f"The 2-D `attention_mask` must hold 1 for real tokens and 0 for padding (or be bool), but it "
-                    f"holds {attention_mask[other][0].item()}: every nonzero value would count as a real token (an "
-                    "additive 0 / -inf mask would be read the other way round). Pass the mask the tokenizer returned."
-                )
+        if host_reads_allowed():
+            check_padding_mask_values(attention_mask)
     elif attention_mask is not None and attention_mask.dim() != 4:
         raise ValueError(
             f"`attention_mask` must be 2-D (batch, seq_len) or a prepared 4-D mask, "
@@ -1076,6 +1090,7 @@ class SonettModel(SonettPreTrainedModel):
         # A static cache counts its tokens in a tensor: positions use it as is; the checks read it once, eagerly.
         past_length = cache.get_seq_length() if cache is not None else 0
         compiling = torch.compiler.is_compiling()
+        checks_read_values = host_reads_allowed()  # not when compiling, nor in a generate that checked its prompt
         cache_batch_size = cache.cached_batch_size() if hasattr(cache, "cached_batch_size") and not compiling else None
         if position_ids is not None and position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
@@ -1085,12 +1100,18 @@ class SonettModel(SonettPreTrainedModel):
             inputs_embeds,
             attention_mask,
             position_ids,
-            None if compiling else int(past_length),
+            int(past_length) if checks_read_values else None,
             cache_batch_size,
             self.embed_tokens.weight.dtype,
         )
-        if cache is not None and hasattr(cache, "check_room") and not compiling:
-            cache.check_room((input_ids if input_ids is not None else inputs_embeds).shape[1])
+        new_tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if (
+            cache is not None
+            and hasattr(cache, "check_room")
+            and not compiling
+            and (checks_read_values or new_tokens > 1)
+        ):
+            cache.check_room(new_tokens)
         attention_mask, mask_documents = prepare_custom_mask(self.config, attention_mask, past_length)
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         documents = packed_documents(position_ids, attention_mask, past_length, batch_size)
@@ -1501,10 +1522,20 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
             torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
         return attention_mask
 
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`. The prompt is checked once, before the first step
+        (`_prepare_position_ids_for_generation`); the forward calls of this generation then skip the checks that read
+        tensor values back to the host, so no decode step waits for the device (docs/design.md, invariant 12)."""
+        token = GENERATE_VALIDATED.set(False)
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            GENERATE_VALIDATED.reset(token)
+
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
-        """Check the prompt once per `generate` call, before positions are derived from it: its token ids (a compiled
-        prefill skips that check) and its 2-D `attention_mask` (generate drops an all-ones mask afterwards, so
-        forward would never see a wrong one)."""
+        """Check the prompt once per `generate` call, before positions are derived from it: its token ids and the
+        values and shape of its 2-D `attention_mask` (generate drops an all-ones mask afterwards, so forward would
+        never see a wrong one). The steps of this generation skip those checks afterwards (see `generate`)."""
         mask = model_kwargs.get("attention_mask")
         ids = model_kwargs.get("input_ids")
         prompt = ids if ids is not None and ids.shape[1] > 0 else inputs_tensor
@@ -1519,7 +1550,10 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
                     f"`attention_mask` has shape {tuple(mask.shape)} but the prompt needs {tuple(prompt.shape[:2])} "
                     "(batch, prompt tokens); pass the attention_mask the tokenizer returned with these input_ids."
                 )
-        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+            check_padding_mask_values(mask)
+        positions = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+        GENERATE_VALIDATED.set(True)
+        return positions
 
     def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length) -> None:
         """Also refuse, before any step, a generation that would run past the full_attention layers' limit."""
