@@ -127,6 +127,8 @@ def plot_train(rows: list[dict], path: Path, peak_flops: float) -> None:
             ]
             axis.bar([i + offset for i in range(len(values))], values, width=0.4, label=name)
         axis.set_xticks(range(len(labels)), labels, fontsize=8)
+        if key == "tokens_per_s":
+            axis.set_yscale("log")  # presets of different widths differ by orders of magnitude
         axis.set_title(title)
         axis.grid(alpha=0.3, axis="y")
     axes[0].legend()
