@@ -83,6 +83,7 @@ def test_decode_rows_eager_and_compiled(micro_preset):
     for (_, mode), row in by_key.items():
         assert row["note"] == "" and row["decode_ms"] > 0 and row["context"] == CONTEXT, row
         assert (row["compile_s"] is None) == (mode == "eager")
+        assert row["same_tokens"] is (True if mode == "compiled" else None)  # compiled decodes the eager tokens
     table = decode_table(rows)
     assert "speed-up eager (Llama / Sonett)" in table and "Llama eager / Sonett compiled" in table
     assert "n/a" not in table
@@ -99,6 +100,8 @@ def test_a_variant_that_cannot_run_is_named_in_a_footnote():
     table = decode_table(rows)
     assert "| 64 | 2.00 | n/a | 3.00 | 1.00 | 1.50x | n/a | n/a | n/a / 9.5 |" in table
     assert table.endswith("n/a: sonett compiled: ValueError: A static cache does not support a config with a hierarchy")
+    rows[1].update(decode_ms=1.5, note="", same_tokens=False)
+    assert decode_table(rows).endswith("\nsonett compiled: greedy tokens differ from eager")
 
 
 def test_the_hourglass_has_no_compiled_decode_and_says_why(tmp_path, micro_preset):

@@ -307,6 +307,7 @@ class _Decoder:
             positions = torch.arange(context)
             out = model(ids, cache=self.cache, use_cache=True, logits_to_keep=1, cache_position=positions)
         self.token = out.logits[:, -1:].argmax(-1)
+        self.tokens = [int(self.token)]  # the greedy tokens so far, to compare the modes
         self.forward = model.forward
         if mode == "compiled":
             self.forward = torch.compile(model.forward, fullgraph=True, backend=backend)
@@ -324,6 +325,7 @@ class _Decoder:
             ).logits
         self.position += 1
         self.token = logits[:, -1:].argmax(-1)
+        self.tokens.append(int(self.token))
 
 
 @torch.no_grad()
@@ -344,8 +346,10 @@ def measure_decode(
     traces the graph without generating code: quick, for tests). After two warm-up tokens, `repeats` rounds of
     `decode_tokens` tokens run with all variants interleaved; each variant's best round counts.
 
-    Returns one row per model and mode: preset, model, mode, context, decode_ms, compile_s and note. A variant that
-    cannot run (a static cache refuses a hierarchy, compilation fails) gets decode_ms None and the reason as note.
+    Returns one row per model and mode: preset, model, mode, context, decode_ms, compile_s, same_tokens (for a
+    compiled row: whether its greedy tokens equal the eager ones of the same model, None if either did not run) and
+    note. A variant that cannot run (a static cache refuses a hierarchy, compilation fails) gets decode_ms None and
+    the reason as note.
     """
     unknown = sorted(set(modes) - set(DECODE_MODES))
     if unknown or context < 1 or decode_tokens < 1 or repeats < 1:
@@ -361,7 +365,7 @@ def measure_decode(
     for name, model in models.items():
         for mode in modes:
             row = {"preset": preset, "model": name, "mode": mode, "context": context, "decode_ms": None}
-            row.update(compile_s=None, note="")
+            row.update(compile_s=None, same_tokens=None, note="")
             rows[name, mode] = row
             try:
                 decoder = _Decoder(model, mode, context, max_tokens, ids, compile_backend)
@@ -381,6 +385,11 @@ def measure_decode(
             milliseconds = 1000 * (time.perf_counter() - started) / decode_tokens
             best = rows[key]["decode_ms"]
             rows[key]["decode_ms"] = milliseconds if best is None else min(best, milliseconds)
+    for name in MODELS:
+        if (name, "eager") in decoders and (name, "compiled") in decoders:
+            eager, compiled = decoders[name, "eager"].tokens, decoders[name, "compiled"].tokens
+            length = min(len(eager), len(compiled))  # the compiled decoder ran one more step (the compilation)
+            rows[name, "compiled"]["same_tokens"] = eager[:length] == compiled[:length]
     return list(rows.values())
 
 
@@ -395,7 +404,8 @@ def _milliseconds(row: dict | None) -> str:
 def decode_table(rows: list[dict]) -> str:
     """The decode rows as one Markdown table by context length: ms/token of the four variants, the speed-ups
     (Llama's ms over Sonett's: eager / eager, compiled / compiled, Llama eager / Sonett compiled) and the compile
-    times; notes of variants that did not run follow as footnotes."""
+    times. Footnotes name the variants that did not run and why, and compiled variants whose greedy tokens differ
+    from the eager ones."""
     by_key = {(r["model"], r["mode"], r["context"]): r for r in rows}
     contexts = sorted({r["context"] for r in rows})
     lines = [
@@ -419,8 +429,11 @@ def decode_table(rows: list[dict]) -> str:
             f"| {_ratio(ms['llama', 'eager'], ms['sonett', 'compiled'])} "
             f"| {compile_times[0]} / {compile_times[1]} |"
         )
-    notes = sorted({f"{r['model']} {r['mode']}: {r['note']}" for r in rows if r["note"]})
-    lines += [""] + [f"n/a: {note}" for note in notes] if notes else []
+    notes = sorted({f"n/a: {r['model']} {r['mode']}: {r['note']}" for r in rows if r["note"]})
+    notes += sorted(
+        {f"{r['model']} compiled: greedy tokens differ from eager" for r in rows if r.get("same_tokens") is False}
+    )
+    lines += ["", *notes] if notes else []
     return "\n".join(lines)
 
 
