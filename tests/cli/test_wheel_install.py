@@ -155,7 +155,8 @@ CORE_CHECK = textwrap.dedent(
     expected = load_file(folder + "/expected_outputs.safetensors")
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
-        same_logits = torch.equal(model(expected["input_ids"]).logits, expected["logits"])
+        # within fp32 rounding: the current code runs linear attention in a faster order (docs/design.md, invariant 11)
+        same_logits = torch.allclose(model(expected["input_ids"]).logits, expected["logits"], atol=1e-5, rtol=1e-5)
         generated = model.generate(expected["input_ids"], max_new_tokens=6, do_sample=False, pad_token_id=0)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)

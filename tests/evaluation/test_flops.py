@@ -36,12 +36,13 @@ def test_a_linear_and_a_full_layer_counted_by_hand():
     assert count.lm_head == 2 * 8 * 16 == 256
     # full attention over 8 tokens: a query sees (8 + 1) / 2 = 4.5 keys on average; 4 x 4.5 x head_dim 4 x 2 heads
     assert count.attention == 144
-    # 2 chunks of 4, 2 heads, per chunk 4*4*7 + 4*4*4 + 2*4*7*4 = 400 MACs -> 1600 MACs / 8 tokens = 200 MACs
-    assert count.chunked == 400
+    # 2 chunks of 4, 2 heads, per chunk 4*4*2 (scores from the 2-wide products) + 4*4*4 + 2*4*7*4 = 320 MACs, plus
+    # the chunk states (2 + 1) * 2 * 7 * 4 = 168 per head: (2 * 320 + 168) * 2 heads = 1616 MACs / 8 tokens = 202 MACs
+    assert count.chunked == 404
     # depthwise conv over q, k, v channels (4 + 4 + 8 = 16), kernel 2: 32 MACs
     assert count.conv == 64
-    assert count.forward == 2944 and count.training == 3 * 2944
-    assert count.prefill == 2944 - 256 + 256 / 8  # logits of the last position only
+    assert count.forward == 2948 and count.training == 3 * 2948
+    assert count.prefill == 2948 - 256 + 256 / 8  # logits of the last position only
 
 
 def test_a_memory_layer_counted_by_hand():
@@ -70,10 +71,11 @@ def test_the_count_matches_what_flop_counter_mode_sees_in_a_forward(hierarchy, c
         model(random_ids(1, context), use_cache=False)
     seen = Counter({str(op): flops / context for op, flops in counter.get_flop_counts()["Global"].items()})
     count = forward_flops(config, context)
-    # weight matrices (lm_head included) run as mm / addmm, the chunked forms as bmm, the short convolutions as conv
+    # weight matrices (lm_head included) run as mm / addmm, the chunked forms as bmm; the short convolutions run as
+    # shifted multiply-adds, which FlopCounterMode does not count (the formula does: count.conv)
     assert seen["aten.mm"] + seen["aten.addmm"] == pytest.approx(count.weights + count.lm_head, rel=0.02)
     assert seen["aten.bmm"] == pytest.approx(count.chunked, rel=0.03)
-    assert seen["aten.convolution"] == pytest.approx(count.conv, rel=0.02)
+    assert "aten.convolution" not in seen and count.conv > 0
 
 
 def test_llama_is_counted_as_a_stack_of_full_attention_layers():

@@ -30,10 +30,15 @@ def expected_and_inputs(name: str) -> tuple[dict, dict]:
     return expected, inputs
 
 
+# The current code computes linear attention in a faster order (docs/design.md, invariant 11): the same function, with
+# fp32 rounding differences. Old folders' own code still gives their recorded logits bit for bit (run_without_sonett).
+LOGITS_TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
+
+
 def check_outputs(model, name: str) -> None:
     expected, inputs = expected_and_inputs(name)
     with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, expected["logits"])
+        torch.testing.assert_close(model(**inputs).logits, expected["logits"], **LOGITS_TOLERANCE)
         generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(generated, expected["generated"])
 
@@ -61,14 +66,16 @@ def test_an_old_folder_saved_again_keeps_its_config_and_auto_map(name, tmp_path)
     assert {path.name for path in tmp_path.glob("*.py")} <= set(package_code_files())
 
 
-def run_without_sonett(tmp_path: Path, folder: Path, name: str) -> None:
+def run_without_sonett(tmp_path: Path, folder: Path, name: str, exact: bool = True) -> None:
+    """Load `folder` through its own remote code in a process without sonett; its logits must equal the recorded ones
+    (bit for bit with `exact`, else within LOGITS_TOLERANCE: the current code's faster order rounds differently)."""
     script = NO_PACKAGE_PREAMBLE + textwrap.dedent(
         """
         import torch
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-        folder, expected_file, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+        folder, expected_file, kind, exact = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "exact"
         auto = AutoModelForImageTextToText if kind == "vision" else AutoModelForCausalLM
         expected = load_file(expected_file)
         inputs = {key: expected[key] for key in ("input_ids", "pixel_values") if key in expected}
@@ -76,14 +83,24 @@ def run_without_sonett(tmp_path: Path, folder: Path, name: str) -> None:
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         with torch.no_grad():
             logits = model(**inputs).logits
-        assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
-        print("identical")
+        if exact:
+            assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+        else:
+            torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=1e-5)
+        print("identical" if exact else "equal within rounding")
         """
     )
     (tmp_path / "load.py").write_text(script)
     expected_file = FIXTURES / name / "expected_outputs.safetensors"
     result = subprocess.run(
-        [sys.executable, str(tmp_path / "load.py"), str(folder), str(expected_file), name],
+        [
+            sys.executable,
+            str(tmp_path / "load.py"),
+            str(folder),
+            str(expected_file),
+            name,
+            "exact" if exact else "close",
+        ],
         cwd=tmp_path,
         env=fresh_process_env(tmp_path),
         capture_output=True,
@@ -91,7 +108,7 @@ def run_without_sonett(tmp_path: Path, folder: Path, name: str) -> None:
         timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "identical" in result.stdout
+    assert ("identical" if exact else "equal within rounding") in result.stdout
 
 
 def test_an_old_folder_runs_its_own_remote_code_where_sonett_is_not_installed(tmp_path):
@@ -105,4 +122,4 @@ def test_old_weights_and_config_run_with_the_current_remote_code(tmp_path):
     AutoModelForImageTextToText.from_pretrained(FIXTURES / "vision").save_pretrained(folder)  # the current .py files
     for file in ("config.json", "model.safetensors"):
         shutil.copy(FIXTURES / "vision" / file, folder / file)
-    run_without_sonett(tmp_path, folder, "vision")
+    run_without_sonett(tmp_path, folder, "vision", exact=False)

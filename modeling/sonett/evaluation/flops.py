@@ -8,9 +8,11 @@ One multiply-accumulate (MAC) counts as 2 FLOPs. Counted (docs/benchmarks.md, "H
   scores and the weighted sum, where n_eff is the mean number of keys a causal query sees (about context / 2 for full
   attention, about the window for sliding attention);
 - linear attention in its chunked form (the form training and prefill run), with the Taylor feature size
-  d_phi = 1 + d + d^2: per chunk of C tokens and head, C^2 * d_phi (scores) + C^2 * head_dim (scores @ values)
-  + 2 * C * d_phi * head_dim (the chunk's state contribution and the read of the carried state), on the length
-  padded to whole chunks; plus the short depthwise convolution (conv_size MACs per channel and token);
+  d_phi = 1 + d + d^2: per chunk of C tokens and head, C^2 * d (scores: for Taylor 1 + s + s^2 / 2 from the d-wide
+  products, which is exact) + C^2 * head_dim (scores @ values) + 2 * C * d_phi * head_dim (the chunk's state
+  contribution and the read of the carried state), on the length padded to whole chunks, plus
+  (N + 1) * N * d_phi * head_dim per head for the states before the N chunks (one batched product); plus the short
+  depthwise convolution (conv_size MACs per channel and token, run as shifted multiply-adds);
 - memory attention's memory read in its chunked form over the sequence delayed by the window (one position
   longer), per chunk of c positions: heads * (c^2 * d + c * d * d_v + c^2 * d_v + c * d) + kv_heads * c * d * d_v
   (`delta` adds the WY solve: kv_heads * (c * d * d_v + c^2 * d + c^2 * d_v / 2));
@@ -77,7 +79,7 @@ def causal_keys(context: float, window: int | None = None) -> float:
 
 
 def _linear_attention_chunked_macs(config, context: int) -> float:
-    """MACs of `chunk_linear_attention` over one sequence (all heads), on the length padded to whole chunks."""
+    """MACs of `fused_chunk_linear_attention` over one sequence (all heads), on the length padded to whole chunks."""
     feature_dim = config.linear_feature_dim
     if config.linear_feature_map == "taylor":
         d_phi = 1 + feature_dim + feature_dim**2
@@ -88,8 +90,9 @@ def _linear_attention_chunked_macs(config, context: int) -> float:
         chunk = max(context, 1)
     chunks = math.ceil(context / chunk)
     head_dim = config.head_dim
-    per_chunk = chunk * chunk * d_phi + chunk * chunk * head_dim + 2 * chunk * d_phi * head_dim
-    return config.num_attention_heads * chunks * per_chunk
+    per_chunk = chunk * chunk * feature_dim + chunk * chunk * head_dim + 2 * chunk * d_phi * head_dim
+    states = (chunks + 1) * chunks * d_phi * head_dim  # linear_attention_sonett.chunk_states
+    return config.num_attention_heads * (chunks * per_chunk + states)
 
 
 def _memory_read_macs(config, context: int) -> float:
