@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     create_causal_mask,
@@ -306,6 +306,14 @@ class SonettAttention(nn.Module):
         if isinstance(layer, SonettStaticSlidingWindowLayer):
             return static_window_mask(layer, **mask_kwargs)
         window = cache.layer_windows[mask_kwargs["layer_idx"]] if cache is not None else config.sliding_window
+        if (
+            seq_len == 1
+            and attention_mask is None
+            and isinstance(layer, DynamicSlidingWindowLayer)
+            and config._attn_implementation in ("eager", "sdpa")
+            and not config.adaptive_span
+        ):
+            return None  # one new token over a window cache, which holds only the keys it may see: nothing to mask
         # Cheap tests first: a decode step never reads the mask's values here (no host sync).
         if (
             allow_blocked

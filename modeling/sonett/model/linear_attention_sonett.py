@@ -77,8 +77,9 @@ def apply_feature_map(x: torch.Tensor, feature_map: str) -> torch.Tensor:
     if feature_map != "taylor":
         raise ValueError(f"Unknown linear_feature_map {feature_map!r}; choose taylor, elu or identity.")
     dim = x.shape[-1]
-    first = x / dim**0.25
-    second = (x[..., :, None] * x[..., None, :]).flatten(-2) / (math.sqrt(2.0) * math.sqrt(dim))
+    first = x * dim**-0.25
+    scaled = x * (2.0 * dim) ** -0.25  # (x_i x_j) / (sqrt(2) sqrt(d)) from d-wide scaling, not d²-wide division
+    second = (scaled[..., :, None] * scaled[..., None, :]).flatten(-2)
     return torch.cat([torch.ones_like(x[..., :1]), first, second], dim=-1)
 
 
@@ -521,13 +522,15 @@ class SonettLinearAttention(nn.Module):
         weight = self.conv1d.weight[:, 0, :].to(x.dtype)  # (channels, conv_size)
         past = x.new_zeros(x.shape[0], tail, x.shape[2]) if conv_state is None else conv_state.transpose(1, 2)
         full = torch.cat([past.to(x.dtype), x], dim=1)  # (batch, tail + seq, channels)
+        new_state = full[:, full.shape[1] - tail :].transpose(1, 2) if tail > 0 else None
+        if seq_len == 1 and offsets is None:  # a decode step: one weighted sum over the window
+            return F.silu((full * weight.t()).sum(1, keepdim=True)), new_state
         out = None
         for tap in range(self.conv_size):  # tap i reads the input `tail - i` tokens back
             term = full[:, tap : tap + seq_len] * weight[:, tap]
             if offsets is not None and tap < tail:  # keep it only inside the token's own document
                 term = term * (offsets.to(x.device) >= tail - tap)[..., None].to(x.dtype)
             out = term if out is None else out + term
-        new_state = full[:, full.shape[1] - tail :].transpose(1, 2) if tail > 0 else None
         return F.silu(out), new_state
 
     def reference_short_conv(
