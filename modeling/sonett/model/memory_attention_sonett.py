@@ -259,16 +259,16 @@ def _delta_chunks(
     eye = torch.eye(size, dtype=keys.dtype, device=keys.device)
     lower = eye + (keys @ keys.transpose(-1, -2)).tril(-1)
     solved = torch.linalg.solve_triangular(lower, torch.cat([values, keys], dim=-1), upper=False, unitriangular=True)
-    u, w = solved[..., :value_dim], solved[..., value_dim:]
+    # [U | W] in one solve; A [U | W] and K^T [U | W] in one matmul each.
     scores = _intra_chunk_scores(queries, keys, groups)
-    local = scores @ u  # (b, h, N, groups * C, d_v)
-    query_weights = queries - scores @ w  # (b, h, N, groups * C, d)
-    writes = keys.transpose(-1, -2) @ u  # (b, h, N, d, d_v)
-    erases = keys.transpose(-1, -2) @ w  # (b, h, N, d, d)
+    scored = scores @ solved  # (b, h, N, groups * C, d_v + d)
+    local, query_weights = scored[..., :value_dim], queries - scored[..., value_dim:]
+    folded = keys.transpose(-1, -2) @ solved  # (b, h, N, d, d_v + d)
     states = []
-    for chunk in range(keys.shape[2]):
+    # unbind: one backward node for all chunks (indexing chunk by chunk would zero-fill a full gradient per chunk)
+    for writes, erases in zip(folded[..., :value_dim].unbind(2), folded[..., value_dim:].unbind(2), strict=True):
         states.append(memory)
-        memory = memory + writes[:, :, chunk] - erases[:, :, chunk] @ memory
+        memory = memory + writes - erases @ memory
     return local + query_weights @ torch.stack(states, dim=2), memory
 
 
@@ -323,7 +323,9 @@ def _memory_read_block(
     if delta:
         query_features, unit_keys = _unit_rows(query_features), _unit_rows(key_features)
     # (b, H, n, d) -> (b, h, N, groups * C, d): the rows of a chunk are its C positions of each grouped head in turn.
-    query_features = F.pad(query_features, (0, 0, 0, back)).view(batch, kv_heads, groups, chunks, chunk_size, dim)
+    if back:
+        query_features = F.pad(query_features, (0, 0, 0, back))
+    query_features = query_features.view(batch, kv_heads, groups, chunks, chunk_size, dim)
     query_features = query_features.transpose(2, 3).reshape(batch, kv_heads, chunks, groups * chunk_size, dim)
     values = values[:, :, first:last].float()
     if delta:
@@ -578,7 +580,7 @@ class SonettMemoryAttention(SonettAttention):
         # Mix per query head: (batch, L, heads, head_dim).
         gate = torch.sigmoid(self.gate).to(local_output.dtype)[:, None]
         memory_output = memory_output.transpose(1, 2).to(local_output.dtype)
-        output = gate * memory_output + (1 - gate) * local_output
+        output = torch.lerp(local_output, memory_output, gate)  # g * memory + (1 - g) * local, one pass
         output = self.o_proj(output.reshape(*input_shape, -1).contiguous())
         return output, weights
 
