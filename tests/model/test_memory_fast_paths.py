@@ -294,3 +294,31 @@ def test_decode_after_an_inference_mode_prefill(update):
         logits = model(ids[:, 11:], cache=cache).logits
         full = model(ids).logits[:, -1:]
     assert max_diff(logits, full) <= 1e-4
+
+
+class NoHostSync(TorchDispatchMode):
+    """Raises on any operator that copies a tensor's value to the host (`.item()`, `bool(tensor)`, `.tolist()`)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+            raise AssertionError(f"host synchronisation in the decode step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("implementation", ["dynamic", "static"])
+def test_one_token_layer_step_has_no_host_sync(implementation):
+    """The whole memory_attention layer's decode step (memory read, fold, cache update, local attention) on a
+    left-padded batch whose window is full, without one value read back to the host."""
+    model = memory_model("linear")
+    ids, mask = left_pad([random_ids(1, 7, seed=61)[0], random_ids(1, 3, seed=62)[0]])
+    cache = model.make_cache(implementation, max_cache_len=20)
+    mixer = model.model.layers[0].mixer
+    hidden = torch.randn(2, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    padding = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1).bool()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=cache, use_cache=True)
+        cos, sin = model.model.rotary_emb(hidden, torch.tensor([[7], [7]]), "sliding_attention")
+        before = cache.layers[0].memory.clone()
+        with NoHostSync():
+            mixer(hidden, (cos, sin), attention_mask=MemoryAttentionMask(local=None, padding=padding), cache=cache)
+    assert max_diff(cache.layers[0].memory, before) > 0  # a token left the window and was folded in
