@@ -159,6 +159,29 @@ class SonettMemoryLayer(SonettSlidingWindowLayer):
     def set_memory(self, memory: torch.Tensor, normalizer: torch.Tensor) -> None:
         self.memory, self.normalizer = memory, normalizer
 
+    def leaving_mask(self, padding: torch.Tensor | None) -> torch.Tensor | None:
+        """`(batch,)` True where the oldest stored entry, which leaves the window at a one-token step, is a real
+        token; None when `padding` (the 2-D mask `(batch, cached + 1)`) is None. Call it before `update`."""
+        if padding is None:
+            return None
+        return padding[:, -(self.memory_keys.shape[-2] + 1)]
+
+    def memory_buffers(
+        self, batch: int, kv_heads: int, key_dim: int, value_dim: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory `(batch, kv_heads, key_dim, value_dim)` and normaliser `(batch, kv_heads, key_dim)` that a decode
+        step may write in place (no-grad only): contiguous fp32 tensors owned by this layer, zeros before any token
+        has left the window."""
+        if self.memory is None:
+            self.memory = torch.zeros(batch, kv_heads, key_dim, value_dim, dtype=torch.float32, device=device)
+            self.normalizer = torch.zeros(batch, kv_heads, key_dim, dtype=torch.float32, device=device)
+        elif not self.memory.is_contiguous() or (
+            # an inference-mode tensor cannot be written in place outside inference mode: take a normal copy once
+            not is_torchdynamo_compiling() and self.memory.is_inference() and not torch.is_inference_mode_enabled()
+        ):
+            self.memory, self.normalizer = self.memory.clone().contiguous(), self.normalizer.clone().contiguous()
+        return self.memory, self.normalizer
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         self.memory_keys = _select(self.memory_keys, beam_idx)
@@ -455,8 +478,29 @@ class SonettStaticMemoryLayer(SonettStaticSlidingWindowLayer):
         if self.memory is None:
             self.memory, self.normalizer = torch.zeros_like(memory), torch.zeros_like(normalizer)
             _mark_static(self.memory, self.normalizer)
-        self.memory.copy_(memory)
-        self.normalizer.copy_(normalizer)
+        if memory is not self.memory:  # a decode step writes the buffers themselves
+            self.memory.copy_(memory)
+            self.normalizer.copy_(normalizer)
+
+    def leaving_mask(self, padding: torch.Tensor | None) -> torch.Tensor:
+        """`(batch,)` True where slot 0, which leaves the window at a one-token step, holds a real token: filled, and
+        marked real by `padding` (the 2-D mask `(batch, cached + 1)`, or None). Call it before `update`."""
+        filled = self.cumulative_length >= self.slots  # 0-d, no host sync
+        if padding is None:
+            return filled.expand(self.keys.shape[0])
+        if padding.shape[1] <= self.slots:  # fewer tokens than slots so far: slot 0 is empty
+            return padding.new_zeros(padding.shape[0], dtype=torch.bool)
+        return padding[:, -(self.slots + 1)].bool() & filled
+
+    def memory_buffers(
+        self, batch: int, kv_heads: int, key_dim: int, value_dim: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The preallocated memory and normaliser (see `SonettMemoryLayer.memory_buffers`), allocated on first use."""
+        if self.memory is None:
+            self.memory = torch.zeros(batch, kv_heads, key_dim, value_dim, dtype=torch.float32, device=device)
+            self.normalizer = torch.zeros(batch, kv_heads, key_dim, dtype=torch.float32, device=device)
+            _mark_static(self.memory, self.normalizer)
+        return self.memory, self.normalizer
 
     def activate_past_recording(self) -> None:
         """No-op: this layer cannot be rolled back, so there is no past to record."""
