@@ -280,44 +280,6 @@ def fused_chunk_linear_attention(
     return out.to(v.dtype), state
 
 
-def segmented_linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    feature_map: str,
-    chunk_size: int,
-    initial_state: torch.Tensor | None = None,
-    resets: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fused_chunk_linear_attention`, over segments of `PREFILL_SEGMENT` tokens when no gradient is recorded.
-
-    A long prefill then holds the chunked form's intermediates (feature maps, chunk scores, chunk states) for one
-    segment at a time, carrying the state from segment to segment; segments are whole chunks, so the result is the
-    one-pass result up to float rounding. With gradients (training) the whole sequence runs at once. Shapes as in
-    `fused_chunk_linear_attention`.
-    """
-    seq_len = q.shape[2]
-    segment = max(PREFILL_SEGMENT // chunk_size, 1) * chunk_size
-    if torch.is_grad_enabled() or seq_len <= segment:
-        return fused_chunk_linear_attention(q, k, v, log_decay, feature_map, chunk_size, initial_state, resets)
-    out = v.new_empty(v.shape)
-    state = initial_state
-    for start in range(0, seq_len, segment):
-        piece = slice(start, start + segment)
-        out[:, :, piece], state = fused_chunk_linear_attention(
-            q[:, :, piece],
-            k[:, :, piece],
-            v[:, :, piece],
-            log_decay[:, :, piece],
-            feature_map,
-            chunk_size,
-            state,
-            None if resets is None else resets[:, piece],
-        )
-    return out, state
-
-
 def recurrent_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -522,7 +484,8 @@ class SonettLinearAttention(nn.Module):
         weight = self.conv1d.weight[:, 0, :].to(x.dtype)  # (channels, conv_size)
         past = x.new_zeros(x.shape[0], tail, x.shape[2]) if conv_state is None else conv_state.transpose(1, 2)
         full = torch.cat([past.to(x.dtype), x], dim=1)  # (batch, tail + seq, channels)
-        new_state = full[:, full.shape[1] - tail :].transpose(1, 2) if tail > 0 else None
+        # A copy, not a view: a view would keep the whole (batch, tail + seq, channels) input alive in the cache.
+        new_state = full[:, full.shape[1] - tail :].transpose(1, 2).clone() if tail > 0 else None
         if seq_len == 1 and offsets is None:  # a decode step: one weighted sum over the window
             return F.silu((full * weight.t()).sum(1, keepdim=True)), new_state
         out = None
@@ -605,6 +568,34 @@ class SonettLinearAttention(nn.Module):
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
         if mask is not None:
             mask = mask.to(device=hidden_states.device, dtype=torch.bool)
+        segment = max(PREFILL_SEGMENT // self.chunk_size, 1) * self.chunk_size
+        if torch.is_grad_enabled() or seq_len <= segment or documents is not None or self.reference_path:
+            output, recurrent_state, conv_state = self._mix(hidden_states, mask, documents, recurrent_state, conv_state)
+        else:
+            # A long input without gradients: segment by segment (whole chunks), carrying both states, so that the
+            # projections, convolution, feature maps and chunk scores exist for one segment at a time.
+            output = hidden_states.new_empty(hidden_states.shape)
+            for start in range(0, seq_len, segment):
+                piece = slice(start, start + segment)
+                output[:, piece], recurrent_state, conv_state = self._mix(
+                    hidden_states[:, piece], None if mask is None else mask[:, piece], None, recurrent_state, conv_state
+                )
+        if layer is not None:
+            layer.set_state(recurrent_state, conv_state, num_new_tokens=seq_len)
+        return output, None
+
+    def _mix(
+        self,
+        hidden_states: torch.Tensor,
+        mask: torch.Tensor | None,
+        documents: PackedDocuments | None,
+        recurrent_state: torch.Tensor | None,
+        conv_state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The layer over `hidden_states` `(batch, seq, hidden_size)` from the given states: the output
+        `(batch, seq, hidden_size)`, the recurrent state and the convolution state after the last token.
+        `mask` `(batch, seq)` bool (True = real token) or None; `documents` the packed documents or None."""
+        batch, seq_len, _ = hidden_states.shape
         reference = self.reference_path
 
         q, k, v, gate_input, decay_logits = self.project(hidden_states)
@@ -646,16 +637,14 @@ class SonettLinearAttention(nn.Module):
         elif seq_len == 1 and resets is None:
             out, new_state = recurrent_step(q, k, v, log_decay, self.feature_map, recurrent_state)
         else:
-            out, new_state = segmented_linear_attention(
+            out, new_state = fused_chunk_linear_attention(
                 q, k, v, log_decay, self.feature_map, self.chunk_size, recurrent_state, resets=resets
             )
 
         out = self.norm(out.float().transpose(1, 2)).to(hidden_states.dtype)  # (batch, seq, heads, head_dim)
         gate = F.silu(gate_input).view(batch, seq_len, self.num_heads, self.head_dim)
         output = self.o_proj((out * gate).reshape(batch, seq_len, -1))
-        if layer is not None:
-            layer.set_state(new_state, new_conv_state, num_new_tokens=seq_len)
-        return output, None
+        return output, new_state, new_conv_state
 
 
 __all__ = [
@@ -669,5 +658,4 @@ __all__ = [
     "linear_feature_size",
     "recurrent_linear_attention",
     "recurrent_step",
-    "segmented_linear_attention",
 ]
