@@ -1,7 +1,7 @@
 """docs/design.md, invariant 11, for linear_attention: the fast path (feature scores from the d_f-wide products,
-chunk states in one product, the shifted-sum convolution, one fused projection, the in-place decode step, the
-segmented no-grad prefill) equals the reference forms (`chunk_linear_attention`, `recurrent_linear_attention`,
-`F.conv1d`) in outputs, states and gradients, alone and through the model."""
+chunk states in one product, the convolution's decode and packed forms, one fused projection, the in-place decode
+step, the segmented no-grad prefill) equals the reference forms (`chunk_linear_attention`,
+`recurrent_linear_attention`, `F.conv1d`) in outputs, states and gradients, alone and through the model."""
 
 import pytest
 import torch
@@ -250,13 +250,14 @@ def test_segments_are_used_only_without_gradients(monkeypatch):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_shifted_sum_convolution_equals_conv1d(packed):
+@pytest.mark.parametrize("length", [1, 9])
+def test_convolution_forms_equal_the_reference(packed, length):
     fast, _ = model_pair("taylor-conv4")
     mixer = fast.model.layers[0].mixer
     generator = torch.Generator().manual_seed(17)
-    x = torch.randn(2, 9, mixer.conv_channels, generator=generator, requires_grad=True)
+    x = torch.randn(2, length, mixer.conv_channels, generator=generator, requires_grad=True)
     state = torch.randn(2, mixer.conv_channels, 3, generator=generator)
-    offsets = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5], [0, 1, 0, 1, 2, 0, 1, 2, 3]]) if packed else None
+    offsets = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5], [0, 1, 0, 1, 2, 0, 1, 2, 3]])[:, :length] if packed else None
     got = mixer.short_conv(x, None if packed else state, offsets)
     want = mixer.reference_short_conv(x, None if packed else state, offsets)
     assert max_diff(got[0], want[0]) <= TOLERANCE and torch.equal(got[1], want[1])

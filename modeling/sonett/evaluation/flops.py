@@ -12,10 +12,10 @@ One multiply-accumulate (MAC) counts as 2 FLOPs. Counted (docs/benchmarks.md, "H
   products, which is exact) + C^2 * head_dim (scores @ values) + 2 * C * d_phi * head_dim (the chunk's state
   contribution and the read of the carried state), on the length padded to whole chunks, plus
   (N + 1) * N * d_phi * head_dim per head for the states before the N chunks (one batched product); plus the short
-  depthwise convolution (conv_size MACs per channel and token, run as shifted multiply-adds);
-- memory attention's memory read in its chunked form over the sequence delayed by the window (one position
-  longer), per chunk of c positions: heads * (c^2 * d + c * d * d_v + c^2 * d_v + c * d) + kv_heads * c * d * d_v
-  (`delta` adds the WY solve: kv_heads * (c * d * d_v + c^2 * d + c^2 * d_v / 2));
+  depthwise convolution (conv_size MACs per channel and token);
+- memory attention's memory read in its chunked form (the query positions padded to whole chunks of c, all chunks
+  at once): heads * (c^2 * d + c * d * (d_v + 1) + c^2 * (d_v + 1)) + kv_heads * c * d * (d_v + 1) per chunk for the
+  `linear` update (the normaliser rides along as a ones column of the values); `delta` replaces it with the WY form;
 - hourglass layers run on 1 / k of the tokens, at context / k, and their windows count shortened tokens.
 
 Elementwise work (norms, activations, feature maps, softmax, RoPE, decays) is not counted, as in the usual
@@ -96,16 +96,17 @@ def _linear_attention_chunked_macs(config, context: int) -> float:
 
 
 def _memory_read_macs(config, context: int) -> float:
-    """MACs of `chunked_memory_attention` from an empty memory: `context + 1` delayed positions, in chunks."""
-    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    positions, chunk = context + 1, config.memory_chunk_size
-    total = 0.0
-    for start in range(0, positions, chunk):
-        c = min(chunk, positions - start)
-        total += heads * (c * c * dim + c * dim * dim + c * c * dim + c * dim) + kv_heads * c * dim * dim
-        if config.memory_update == "delta":
-            total += kv_heads * (c * dim * dim + c * c * dim + c * c * dim / 2)
-    return total
+    """MACs of `memory_read` from an empty memory: `context` query positions padded to whole chunks, all chunks at
+    once (`linear`: the ones column carries the normaliser, d_v + 1 wide; `delta`: the WY terms and one state
+    product per chunk)."""
+    heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    c, chunks = config.memory_chunk_size, math.ceil(context / config.memory_chunk_size)
+    if config.memory_update == "delta":
+        per_chunk = kv_heads * (c * c * d + c * d * (d + d)) + heads * (c * c * d + c * c * (d + d) + c * d * d)
+        per_chunk += kv_heads * d * d * d  # the state's erase product, chunk by chunk
+    else:
+        per_chunk = kv_heads * c * d * (d + 1) + heads * (c * c * d + c * d * (d + 1) + c * c * (d + 1))
+    return chunks * per_chunk
 
 
 def _layer_kinds(config) -> list[str]:

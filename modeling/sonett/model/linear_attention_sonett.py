@@ -475,25 +475,26 @@ class SonettLinearAttention(nn.Module):
         sees no input of an earlier document (as if they were the zeros before a first token). Returns the output
         `(batch, seq, channels)` and the new conv state (None for conv_size 1).
 
-        Computed as `conv_size` shifted multiply-adds over the channels-last input (equal to `F.conv1d` with the
-        `conv1d` weight up to float rounding; `reference_short_conv` is that form): a depthwise kernel of 4 taps is
-        a handful of elementwise operations, which cost less than the convolution call and its backward on CPU.
+        Three forms, chosen by measurement on CPU (docs/benchmarks.md): a decode step is one weighted sum over the
+        window (the convolution call alone costs more); packed rows are `conv_size` shifted multiply-adds, each tap
+        masked to the token's own document (3x faster than `reference_short_conv`'s unfolded windows); anything
+        else is `F.conv1d`, which is the fastest form of a long convolution forward and backward.
         """
         seq_len = x.shape[1]
         tail = self.conv_size - 1
+        if offsets is None and seq_len > 1:
+            return self.reference_short_conv(x, conv_state)
         weight = self.conv1d.weight[:, 0, :].to(x.dtype)  # (channels, conv_size)
         past = x.new_zeros(x.shape[0], tail, x.shape[2]) if conv_state is None else conv_state.transpose(1, 2)
         full = torch.cat([past.to(x.dtype), x], dim=1)  # (batch, tail + seq, channels)
         # A copy, not a view: a view would keep the whole (batch, tail + seq, channels) input alive in the cache.
         new_state = full[:, full.shape[1] - tail :].transpose(1, 2).clone() if tail > 0 else None
-        if seq_len == 1 and offsets is None:  # a decode step: one weighted sum over the window
+        if offsets is None:  # a decode step: one weighted sum over the window
             return F.silu((full * weight.t()).sum(1, keepdim=True)), new_state
-        out = None
-        for tap in range(self.conv_size):  # tap i reads the input `tail - i` tokens back
-            term = full[:, tap : tap + seq_len] * weight[:, tap]
-            if offsets is not None and tap < tail:  # keep it only inside the token's own document
-                term = term * (offsets.to(x.device) >= tail - tap)[..., None].to(x.dtype)
-            out = term if out is None else out + term
+        out = full[:, tail : tail + seq_len] * weight[:, tail]
+        for tap in range(tail):  # tap i reads the input `tail - i` tokens back, only inside the token's document
+            inside = (offsets.to(x.device) >= tail - tap)[..., None].to(x.dtype)
+            out = torch.addcmul(out, full[:, tap : tap + seq_len] * inside, weight[:, tap])
         return F.silu(out), new_state
 
     def reference_short_conv(
@@ -512,7 +513,8 @@ class SonettLinearAttention(nn.Module):
             lags = torch.arange(tail, -1, -1, device=x.device)
             inside = (lags <= offsets.to(x.device)[..., None])[:, None].to(x.dtype)  # (batch, 1, seq, conv_size)
             out = (windows * inside * self.conv1d.weight[:, 0, None, :].to(x.dtype)).sum(-1)
-        new_state = full[..., full.shape[-1] - tail :] if tail > 0 else None
+        # A copy, not a view: a view would keep the whole (batch, channels, tail + seq) input alive in the cache.
+        new_state = full[..., full.shape[-1] - tail :].clone() if tail > 0 else None
         return F.silu(out).transpose(1, 2), new_state
 
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -561,7 +563,7 @@ class SonettLinearAttention(nn.Module):
         Returns:
             The output `(batch, seq, hidden_size)` and None (there are no attention weights).
         """
-        batch, seq_len, _ = hidden_states.shape
+        seq_len = hidden_states.shape[1]
         layer = cache.layers[self.layer_idx] if cache is not None else None
         recurrent_state, conv_state = layer.get_state() if layer is not None else (None, None)
         documents = attention_mask if isinstance(attention_mask, PackedDocuments) else None
