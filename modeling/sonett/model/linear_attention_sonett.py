@@ -571,7 +571,9 @@ class SonettLinearAttention(nn.Module):
         if mask is not None:
             mask = mask.to(device=hidden_states.device, dtype=torch.bool)
         segment = max(PREFILL_SEGMENT // self.chunk_size, 1) * self.chunk_size
-        if torch.is_grad_enabled() or seq_len <= segment or documents is not None or self.reference_path:
+        if seq_len == 1 and self._can_decode_fast(hidden_states, recurrent_state, conv_state, documents):
+            output, recurrent_state, conv_state = self._decode_step(hidden_states, mask, recurrent_state, conv_state)
+        elif torch.is_grad_enabled() or seq_len <= segment or documents is not None or self.reference_path:
             output, recurrent_state, conv_state = self._mix(hidden_states, mask, documents, recurrent_state, conv_state)
         else:
             # A long input without gradients: segment by segment (whole chunks), carrying both states, so that the
@@ -585,6 +587,77 @@ class SonettLinearAttention(nn.Module):
         if layer is not None:
             layer.set_state(recurrent_state, conv_state, num_new_tokens=seq_len)
         return output, None
+
+    def _can_decode_fast(
+        self,
+        hidden_states: torch.Tensor,
+        recurrent_state: torch.Tensor | None,
+        conv_state: torch.Tensor | None,
+        documents: PackedDocuments | None,
+    ) -> bool:
+        """Whether `_decode_step` can run this one-token call: no gradients, a state to continue (fp32, contiguous),
+        plain `nn.Linear` projections (an adapter's own forward must run), not the reference path or fla."""
+        return (
+            not torch.is_grad_enabled()
+            and not self.reference_path
+            and documents is None
+            and recurrent_state is not None
+            and recurrent_state.dtype == torch.float32
+            and recurrent_state.is_contiguous()
+            and (self.conv_size == 0 or conv_state is not None)
+            and not self.use_fla(hidden_states)
+            and all(type(module) is nn.Linear for module in self._projections())
+        )
+
+    def _projections(self) -> tuple[nn.Module, ...]:
+        return (self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.decay_proj)
+
+    def _decode_step(
+        self,
+        hidden_states: torch.Tensor,
+        mask: torch.Tensor | None,
+        recurrent_state: torch.Tensor,
+        conv_state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`_mix` for one token with no gradients, in as few operations as the arithmetic needs (a decode step costs
+        its number of operations on CPU): 2-D rows instead of (batch, heads, seq) views, the convolution as one
+        weighted sum over its window, and the state updated in place (`recurrent_step`'s arithmetic).
+
+        hidden_states `(batch, 1, hidden_size)`, mask `(batch, 1)` bool or None, recurrent_state
+        `(batch, heads, d_phi, head_dim)` fp32 (written in place), conv_state `(batch, channels, conv_size - 1)` or
+        None. Returns what `_mix` returns.
+        """
+        batch = hidden_states.shape[0]
+        x = hidden_states[:, 0]  # (batch, hidden_size)
+        q, k, v, gate_input, decay_logits = (F.linear(x, m.weight, m.bias) for m in self._projections())
+        keep = None if mask is None else mask[:, -1:].to(x.dtype)  # (batch, 1)
+        new_conv_state = None
+        if self.conv_size > 0:
+            qkv = torch.cat([q, k, v], dim=-1)
+            if keep is not None:
+                qkv = qkv * keep
+            window = torch.cat([conv_state.to(qkv.dtype), qkv[..., None]], dim=-1)  # (batch, channels, conv_size)
+            new_conv_state = window[..., 1:]
+            qkv = F.silu((window * self.conv1d.weight[:, 0, :].to(qkv.dtype)).sum(-1))
+            q, k, v = qkv.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+        heads = self.num_heads
+        q_feat = apply_feature_map(q.float().view(batch, heads, 1, self.feature_dim), self.feature_map)
+        k_feat = apply_feature_map(
+            k.float().view(batch, heads, self.feature_dim, 1).transpose(-1, -2), self.feature_map
+        )
+        values = v.float().view(batch, heads, 1, self.head_dim)
+        decay = (F.logsigmoid(decay_logits.float() + self.decay_bias.float()) / self.decay_temperature).exp()
+        if keep is not None:  # a padded token neither writes (zero value) nor decays the state
+            values = values * keep.float()[:, :, None, None]
+            decay = torch.where(keep.bool(), decay, 1.0)
+        d_phi = q_feat.shape[-1]
+        flat = recurrent_state.view(batch * heads, d_phi, self.head_dim)
+        flat.mul_(decay.view(batch * heads, 1, 1))
+        flat.baddbmm_(k_feat.reshape(batch * heads, d_phi, 1), values.reshape(batch * heads, 1, self.head_dim))
+        out = (q_feat @ recurrent_state).view(batch, 1, heads, self.head_dim)
+        out = self.norm(out).to(hidden_states.dtype)
+        gate = F.silu(gate_input).view(batch, 1, heads, self.head_dim)
+        return self.o_proj((out * gate).view(batch, 1, -1)), recurrent_state, new_conv_state
 
     def _mix(
         self,
