@@ -5,9 +5,9 @@ in training (one call) and in a prefill without autograd (chunks of query blocks
 import pytest
 import torch
 from helpers_memory import peak_allocated_bytes
-from helpers_model import WINDOW, random_ids, tiny_model
+from helpers_model import PAD, WINDOW, left_pad, random_ids, tiny_model
 
-from sonett.model import attention_sonett
+from sonett.model import attention_sonett, layers_sonett
 from sonett.model.attention_sonett import BlockedLocalMask, blocked_local_attention
 
 LENGTHS = [9, 12, 23]  # > 2 * window (4), so the blocked path applies; 12 is a multiple of the window
@@ -65,8 +65,8 @@ def test_blocked_prefill_chunks_equal_dense_mask(monkeypatch, attn, chunk):
     model = tiny_model("sliding", attn_implementation=attn)
     hidden = torch.randn(2, 31, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        blocked = mixer_output(model, hidden, True)
-        dense = mixer_output(model, hidden, False)
+        blocked = mixer_output(model, hidden, True)  # also rotates in place, chunk by chunk
+    dense = mixer_output(model, hidden, False).detach()  # with autograd: one call, the reference
     torch.testing.assert_close(blocked, dense, rtol=0, atol=1e-5)
 
 
@@ -112,3 +112,28 @@ def test_blocked_prefill_holds_no_sequence_long_copies():
     with torch.no_grad():
         peak = peak_allocated_bytes(lambda: blocked_local_attention(mixer, query, key, value, 64, scaling=0.3)[0])
     assert peak < 2 * query.nbytes, (peak, query.nbytes)  # one call: 13x
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_chunked_prefill_of_the_model_equals_one_call(monkeypatch, attn):
+    """Without autograd, with chunks far smaller than the prompt (blocked attention, RoPE in place, MLP), a prefill
+    gives the logits of the one-call forward with autograd, fills the cache for decoding, and a left-padded batch
+    (dense mask, chunked RoPE and MLP) gives them too."""
+    monkeypatch.setattr(attention_sonett, "PREFILL_CHUNK_TOKENS", 8)
+    monkeypatch.setattr(layers_sonett, "MLP_CHUNK_TOKENS", 8)
+    model = tiny_model("mixed", attn_implementation=attn)
+    ids = random_ids(2, 30)
+    reference = model(ids).logits.detach()  # autograd on: one call everywhere
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        step = model(random_ids(2, 1, seed=9), cache=out.cache).logits
+    torch.testing.assert_close(out.logits, reference, rtol=0, atol=1e-5)
+    longer = model(torch.cat([ids, random_ids(2, 1, seed=9)], 1)).logits.detach()
+    torch.testing.assert_close(step[:, -1], longer[:, -1], rtol=0, atol=1e-4)
+
+    input_ids, attention_mask = left_pad([ids[0, :30], ids[1, :21]], pad_id=PAD)
+    padded_reference = model(input_ids, attention_mask=attention_mask).logits.detach()
+    with torch.no_grad():
+        padded = model(input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(padded[real], padded_reference[real], rtol=0, atol=1e-5)

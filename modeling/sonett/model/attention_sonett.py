@@ -137,8 +137,9 @@ def blocked_local_attention(
     def key_pairs(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Keys [start - W, stop) -> `(batch * n, kv_heads, 2 * W, head_dim)`: each block's previous and own block."""
         n = math.ceil((stop - start) / window)
-        x = padded(x[:, :, start - window : stop], (n + 1) * window).unfold(2, 2 * window, window)
-        return x.permute(0, 2, 1, 4, 3).reshape(batch * n, kv_heads, 2 * window, head_dim)
+        x = padded(x[:, :, start - window : stop], (n + 1) * window).view(batch, kv_heads, n + 1, window, head_dim)
+        x = x.transpose(1, 2)  # (batch, n + 1, kv_heads, W, head_dim); one copy, by `cat`, and a cheap backward
+        return torch.cat([x[:, :-1], x[:, 1:]], dim=3).view(batch * n, kv_heads, 2 * window, head_dim)
 
     def unfolded(out: torch.Tensor, length: int) -> torch.Tensor:
         """`(batch * n, kv_heads, groups * W, head_dim)` -> `(batch, length, heads, head_dim)`."""
@@ -418,12 +419,12 @@ class SonettAttention(nn.Module):
         """
         input_shape = hidden_states.shape[:-1]
         query, key, value = self.project(hidden_states)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query, key = self.rotate(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
         output, weights = self.attend(query, key, value, attention_mask, **kwargs)
+        del query, key, value  # not alive next to the output projection's result (a long prefill's peak)
         return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
 
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -433,6 +434,26 @@ class SonettAttention(nn.Module):
         key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
         return query, key, value
+
+    def rotate(
+        self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on query `(batch, heads, seq, head_dim)` and key `(batch, kv_heads, seq, head_dim)`.
+
+        Without autograd, a long input is rotated `PREFILL_CHUNK_TOKENS` positions at a time, each chunk written
+        back in place (query and key are this layer's own fresh projections), so that the temporaries of
+        `apply_rotary_pos_emb` (three or four query-sized ones in one call) stay chunk-sized and no second copy of
+        the query and key exists.
+        """
+        seq_len = query.shape[-2]
+        if torch.is_grad_enabled() or seq_len <= PREFILL_CHUNK_TOKENS:
+            return apply_rotary_pos_emb(query, key, cos, sin)
+        for start in range(0, seq_len, PREFILL_CHUNK_TOKENS):
+            part = slice(start, start + PREFILL_CHUNK_TOKENS)
+            query[:, :, part], key[:, :, part] = apply_rotary_pos_emb(
+                query[:, :, part], key[:, :, part], cos[:, part], sin[:, part]
+            )
+        return query, key
 
     def attend(
         self,
