@@ -155,7 +155,8 @@ CORE_CHECK = textwrap.dedent(
     expected = load_file(folder + "/expected_outputs.safetensors")
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
-        same_logits = torch.equal(model(expected["input_ids"]).logits, expected["logits"])
+        # the same within fp32 rounding (faster kernels, issue 17); the greedy tokens exactly
+        same_logits = bool((model(expected["input_ids"]).logits - expected["logits"]).abs().max() <= 1e-5)
         generated = model.generate(expected["input_ids"], max_new_tokens=6, do_sample=False, pad_token_id=0)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)

@@ -171,7 +171,8 @@ def test_folder_saved_by_main_loads_with_identical_outputs(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(FIXTURE).eval()
     assert type(model) is SonettForCausalLM
     with torch.no_grad():
-        assert torch.equal(model(expected["input_ids"]).logits, expected["logits"])
+        # fp32 rounding may differ from the saved run (faster kernels, issue 17); the greedy tokens may not.
+        torch.testing.assert_close(model(expected["input_ids"]).logits, expected["logits"], rtol=0, atol=1e-5)
         generated = model.generate(expected["input_ids"], max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(generated, expected["generated"])
     tokenizer = AutoTokenizer.from_pretrained(FIXTURE)
@@ -214,7 +215,7 @@ def test_folder_saved_by_main_loads_as_remote_code_in_a_fresh_process(tmp_path):
         assert model.config.sub_configs == {}, model.config.sub_configs
         with torch.no_grad():
             logits = model(expected["input_ids"]).logits
-        assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+        torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-5)  # fp32 rounding (issue 17)
         print("identical")
         """
     )
