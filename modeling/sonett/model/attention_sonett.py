@@ -44,58 +44,141 @@ class BlockedLocalMask:
     """Mask marker for a long windowed prefill with no padding and an empty cache.
 
     Instead of a `(seq, seq)` mask, the mixer cuts the sequence into blocks of `window` queries that each see
-    their own block and the previous one, and runs the attention interface on those blocks: O(seq * window)
-    time and memory instead of O(seq^2).
+    their own block and the previous one (`blocked_local_attention`): O(seq * window) time and memory instead
+    of O(seq^2).
     """
 
     def __init__(self, window: int) -> None:
         self.window = window
 
 
+# Without autograd (a prefill), `blocked_local_attention` runs over this many query tokens at a time, so that its
+# block copies and scores stay this size however long the prompt is. With autograd it makes one call: the
+# backward pass keeps every block anyway, and one call is the fastest.
+PREFILL_CHUNK_TOKENS = 2048
+
+
+def band_mask(window: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive mask `(groups * window, 2 * window)` of one query block against its previous block and itself.
+
+    Query r of block i sits at i*W + r and key c at (i-1)*W + c, so the distance is W + r - c; the key is visible
+    (0) when that is in [0, W), i.e. r < c <= W + r, and gets the lowest value of `dtype` otherwise. The rows repeat
+    for the `groups` query heads that share a key head (they are folded into the query rows, so no key is
+    repeated). Columns `[W:]` alone are the causal mask of a block against itself.
+    """
+    rows = torch.arange(window, device=device)[:, None]
+    cols = torch.arange(2 * window, device=device)[None, :]
+    visible = (cols > rows) & (cols <= window + rows)
+    mask = torch.zeros(window, 2 * window, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+    return mask.repeat(groups, 1)
+
+
+def attend_blocks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    dropout: float,
+    use_sdpa: bool,
+) -> torch.Tensor:
+    """Softmax attention of folded blocks, by sdpa or in plain PyTorch (as `eager_attention_forward`).
+
+    query `(n, kv_heads, groups * W, head_dim)`, key/value `(n, kv_heads, K, head_dim)`, additive mask
+    `(groups * W, K)` shared by every block. Returns `(n, kv_heads, groups * W, head_dim)`.
+    """
+    if use_sdpa:
+        return nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
+        )
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling + mask
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs, value)
+
+
 def blocked_local_attention(
     module: nn.Module,
-    attention_interface: Callable,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     window: int,
+    scaling: float,
+    dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Causal sliding-window attention of `query` over `key`/`value` (same length), computed blockwise.
 
     query `(batch, heads, seq, head_dim)`, key/value `(batch, kv_heads, seq, head_dim)`; a query at position t
     sees keys t - window + 1 .. t. Returns `(batch, seq, heads, head_dim)`.
+
+    Blocks of `window` queries attend to their previous block and their own under one shared `band_mask`: the
+    query heads of a key head are folded into the block's rows (no `repeat_kv`), so neither the keys nor the mask
+    are repeated per batch row or head; block 0 attends to itself alone under the causal half of the mask. sdpa
+    runs its fused kernel on the blocks, eager the plain PyTorch form. Without autograd the query blocks go
+    `PREFILL_CHUNK_TOKENS` at a time into a preallocated output, so a long prefill holds no seq-long copies.
     """
     batch, heads, seq_len, head_dim = query.shape
-    blocks = math.ceil(seq_len / window)
-    pad = blocks * window - seq_len
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    use_sdpa = module.config._attn_implementation == "sdpa"
+    mask = band_mask(window, groups, query.dtype, query.device)
 
-    def to_blocks(x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.pad(x, (0, 0, 0, pad)).view(batch, x.shape[1], blocks, window, head_dim)
-        return x.transpose(1, 2)  # (batch, blocks, heads, window, head_dim)
+    def padded(x: torch.Tensor, length: int) -> torch.Tensor:
+        """x `(batch, heads, t, head_dim)` padded with zeros to `length` positions."""
+        return x if x.shape[2] == length else nn.functional.pad(x, (0, 0, 0, length - x.shape[2]))
 
-    def with_previous(x: torch.Tensor) -> torch.Tensor:
-        previous = nn.functional.pad(x, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1]
-        return torch.cat([previous, x], dim=3)  # (batch, blocks, kv_heads, 2 * window, head_dim)
+    def query_blocks(start: int, stop: int) -> torch.Tensor:
+        """Queries [start, stop) -> `(batch * n, kv_heads, groups * W, head_dim)`, n = ceil((stop - start) / W)."""
+        n = math.ceil((stop - start) / window)
+        x = padded(query[:, :, start:stop], n * window).view(batch, kv_heads, groups, n, window, head_dim)
+        return x.permute(0, 3, 1, 2, 4, 5).reshape(batch * n, kv_heads, groups * window, head_dim)
 
-    q_blocks = to_blocks(query).reshape(batch * blocks, heads, window, head_dim)
-    k_blocks = with_previous(to_blocks(key)).reshape(batch * blocks, -1, 2 * window, head_dim)
-    v_blocks = with_previous(to_blocks(value)).reshape(batch * blocks, -1, 2 * window, head_dim)
-    # query r of block i sits at i*W + r, key c of the pair at (i-1)*W + c: distance W + r - c in [0, W).
-    rows = torch.arange(window, device=query.device)[:, None]
-    cols = torch.arange(2 * window, device=query.device)[None, :]
-    visible = (cols <= window + rows) & (cols > rows)
-    first_block = visible & (cols >= window)  # block 0 has no previous block
-    visible = torch.stack([first_block] + [visible] * (blocks - 1))[:, None]  # (blocks, 1, W, 2W)
-    visible = visible.expand(blocks, 1, window, 2 * window).repeat(batch, 1, 1, 1)
-    if module.config._attn_implementation == "eager":
-        mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
-        mask = mask.masked_fill(~visible, torch.finfo(query.dtype).min)
-    else:
-        mask = visible
-    output, _ = attention_interface(module, q_blocks, k_blocks, v_blocks, mask, **kwargs)
-    output = output.reshape(batch, blocks * window, heads, head_dim)[:, :seq_len]
-    return output, None
+    def key_pairs(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Keys [start - W, stop) -> `(batch * n, kv_heads, 2 * W, head_dim)`: each block's previous and own block."""
+        n = math.ceil((stop - start) / window)
+        x = padded(x[:, :, start - window : stop], (n + 1) * window).view(batch, kv_heads, n + 1, window, head_dim)
+        x = x.transpose(1, 2)  # (batch, n + 1, kv_heads, W, head_dim); one copy, by `cat`, and a cheap backward
+        return torch.cat([x[:, :-1], x[:, 1:]], dim=3).view(batch * n, kv_heads, 2 * window, head_dim)
+
+    def unfolded(out: torch.Tensor, length: int) -> torch.Tensor:
+        """`(batch * n, kv_heads, groups * W, head_dim)` -> `(batch, length, heads, head_dim)`."""
+        n = out.shape[0] // batch
+        out = out.view(batch, n, kv_heads, groups, window, head_dim).permute(0, 1, 4, 2, 3, 5)
+        return out.reshape(batch, n * window, heads, head_dim)[:, :length]
+
+    first = min(window, seq_len)
+    first_out = attend_blocks(
+        query_blocks(0, first),
+        key[:, :, :first],
+        value[:, :, :first],
+        mask[:, window : window + first],
+        scaling,
+        dropout,
+        use_sdpa,
+    )
+    pieces = [unfolded(first_out, first)]
+    needs_grad = query.requires_grad or key.requires_grad or value.requires_grad
+    step = seq_len if needs_grad else max(1, PREFILL_CHUNK_TOKENS // window) * window
+    output = None if needs_grad else query.new_empty(batch, seq_len, heads, head_dim)
+    if output is not None:
+        output[:, :first] = pieces.pop()
+    for start in range(window, seq_len, step):
+        stop = min(start + step, seq_len)
+        out = attend_blocks(
+            query_blocks(start, stop),
+            key_pairs(key, start, stop),
+            key_pairs(value, start, stop),
+            mask,
+            scaling,
+            dropout,
+            use_sdpa,
+        )
+        if output is None:
+            pieces.append(unfolded(out, stop - start))
+        else:
+            output[:, start:stop] = unfolded(out, stop - start)
+    return (torch.cat(pieces, dim=1) if output is None else output), None
 
 
 def static_window_mask(
@@ -348,12 +431,12 @@ class SonettAttention(nn.Module):
         """
         input_shape = hidden_states.shape[:-1]
         query, key, value = self.project(hidden_states)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query, key = self.rotate(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
         output, weights = self.attend(query, key, value, attention_mask, **kwargs)
+        del query, key, value  # not alive next to the output projection's result (a long prefill's peak)
         return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
 
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -363,6 +446,26 @@ class SonettAttention(nn.Module):
         key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
         return query, key, value
+
+    def rotate(
+        self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on query `(batch, heads, seq, head_dim)` and key `(batch, kv_heads, seq, head_dim)`.
+
+        Without autograd, a long input is rotated `PREFILL_CHUNK_TOKENS` positions at a time, each chunk written
+        back in place (query and key are this layer's own fresh projections), so that the temporaries of
+        `apply_rotary_pos_emb` (three or four query-sized ones in one call) stay chunk-sized and no second copy of
+        the query and key exists.
+        """
+        seq_len = query.shape[-2]
+        if torch.is_grad_enabled() or seq_len <= PREFILL_CHUNK_TOKENS:
+            return apply_rotary_pos_emb(query, key, cos, sin)
+        for start in range(0, seq_len, PREFILL_CHUNK_TOKENS):
+            part = slice(start, start + PREFILL_CHUNK_TOKENS)
+            query[:, :, part], key[:, :, part] = apply_rotary_pos_emb(
+                query[:, :, part], key[:, :, part], cos[:, part], sin[:, part]
+            )
+        return query, key
 
     def attend(
         self,
@@ -386,9 +489,7 @@ class SonettAttention(nn.Module):
             "sliding_window": self.sliding_window,
         }
         if isinstance(attention_mask, BlockedLocalMask):
-            return blocked_local_attention(
-                self, attention_interface, query, key, value, attention_mask.window, **common, **kwargs
-            )
+            return blocked_local_attention(self, query, key, value, attention_mask.window, **common, **kwargs)
         if self.adaptive_span:
             if self.config._attn_implementation not in ("eager", "sdpa"):
                 raise ValueError(

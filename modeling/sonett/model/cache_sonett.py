@@ -74,6 +74,18 @@ def _select(tensor: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | 
 class SonettFullAttentionLayer(DynamicLayer):
     """Keys and values of a `full_attention` layer, `(batch, kv_heads, seq, head_dim)`; grows without bound."""
 
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `DynamicLayer.update`, except that an empty layer keeps the new tensors themselves (a prefill copies
+        no prompt-long keys and values)."""
+        if self.is_initialized and self.keys.numel() > 0:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
+        return self.keys, self.values
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"keys": self.keys, "values": self.values} if self.get_seq_length() > 0 else {}
 
@@ -92,6 +104,26 @@ class SonettSlidingWindowLayer(DynamicSlidingWindowLayer):
     `update` returns the trimmed past plus the new tokens, so a prompt longer than the window still attends
     correctly; `get_mask_sizes` tells the mask builder the matching key length and offset.
     """
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `DynamicSlidingWindowLayer.update`, but what the layer keeps after a long update is its own copy of
+        the last `sliding_window - 1` positions, not a slice that would hold every key and value of the update alive
+        as long as the cache; and an empty layer is not copied in front of the new tokens (a prefill copies nothing
+        prompt-long). Returns the past window plus the new tokens, `(batch, kv_heads, past + new, head_dim)`."""
+        if self.record_past or (self.is_initialized and self.keys.numel() > 0):
+            full_keys, full_values = super().update(key_states, value_states, *args, **kwargs)
+        else:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.cumulative_length += key_states.shape[-2]
+            full_keys, full_values = key_states, value_states
+            self.keys = key_states[:, :, -self.sliding_window + 1 :, :]
+            self.values = value_states[:, :, -self.sliding_window + 1 :, :]
+        if not self.record_past and full_keys.shape[-2] > self.sliding_window:
+            self.keys, self.values = self.keys.clone(), self.values.clone()
+        return full_keys, full_values
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"keys": self.keys, "values": self.values} if self.is_initialized else {}

@@ -46,8 +46,18 @@ class SonettRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
+# Without autograd (a prefill), `SonettMLP` runs an input of more tokens than this a chunk of them at a time, so
+# that its `(tokens, intermediate_size)` activations are never all alive at once.
+MLP_CHUNK_TOKENS = 2048
+
+
 class SonettMLP(nn.Module):
-    """SwiGLU feed-forward block: `down(act(gate(x)) * up(x))`."""
+    """SwiGLU feed-forward block: `down(act(gate(x)) * up(x))`.
+
+    With autograd it runs in one call (the backward pass keeps every activation anyway); without, a long input
+    runs `MLP_CHUNK_TOKENS` tokens at a time into one output tensor, with the same result (each token's row is
+    computed alone either way).
+    """
 
     def __init__(self, config: SonettConfig) -> None:
         super().__init__()
@@ -58,6 +68,17 @@ class SonettMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: `(batch, seq, hidden_size)` -> same shape."""
+        tokens = hidden_states.shape[:-1].numel()
+        if torch.is_grad_enabled() or tokens <= MLP_CHUNK_TOKENS:
+            return self.swiglu(hidden_states)
+        rows = hidden_states.reshape(tokens, hidden_states.shape[-1])
+        output = rows.new_empty(tokens, self.down_proj.out_features)
+        for start in range(0, tokens, MLP_CHUNK_TOKENS):
+            output[start : start + MLP_CHUNK_TOKENS] = self.swiglu(rows[start : start + MLP_CHUNK_TOKENS])
+        return output.view(*hidden_states.shape[:-1], -1)
+
+    def swiglu(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(..., hidden_size)` -> `(..., hidden_size)` in one call."""
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
