@@ -278,3 +278,101 @@ def test_adapter_wrapped_projections_run_their_own_forward():
         adapted, want = fast(ids).logits, reference(ids).logits
     assert max_diff(adapted, base) > 1e-3  # the adapter acts: the fused projection did not bypass it
     assert max_diff(adapted, want) <= TOLERANCE
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A long no-grad forward of a constant-state model runs segment by segment through the cache
+# ----------------------------------------------------------------------------------------------------------
+
+CONSTANT_LAYERS = ["linear_attention", "sliding_attention", "memory_attention"]
+
+
+def constant_model(**overrides):
+    kwargs = {
+        "layer_types": CONSTANT_LAYERS,
+        "num_hidden_layers": 3,
+        "linear_feature_dim": 4,
+        "linear_chunk_size": 4,
+        "memory_chunk_size": 4,
+        **overrides,
+    }
+    return tiny_model("full", **kwargs)
+
+
+@pytest.fixture
+def short_segments(monkeypatch):
+    import sonett.model.modeling_sonett as modeling
+
+    monkeypatch.setattr(modeling, "PREFILL_SEGMENT_TOKENS", 8)
+    calls = []
+    original = modeling.SonettModel._segmented_prefill
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling.SonettModel, "_segmented_prefill", counting)
+    return calls
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_segmented_forward_equals_the_one_pass_forward(short_segments, padded):
+    model = constant_model()
+    if padded:
+        ids, mask = left_pad([random_ids(1, 37, seed=19)[0], random_ids(1, 30, seed=20)[0]])
+    else:
+        ids, mask = random_ids(2, 37, seed=19), None
+    with torch.enable_grad():  # gradients on: the one-pass path
+        want = model(ids, attention_mask=mask, use_cache=True)
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, use_cache=True)
+        following = random_ids(2, 1, seed=21)
+        step_mask = None if mask is None else torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        got_next = model(following, attention_mask=step_mask, cache=got.cache).logits
+        want_next = model(following, attention_mask=step_mask, cache=want.cache).logits
+    assert short_segments == [1]
+    real = slice(None) if mask is None else mask.bool()
+    assert max_diff(got.logits[real], want.logits.detach()[real]) <= 1e-4  # docs/design.md, invariant 1
+    assert max_diff(got_next, want_next) <= 1e-4
+
+
+def test_segmented_forward_without_a_cache_returns_none_and_keeps_logits_to_keep(short_segments):
+    model = constant_model()
+    ids = random_ids(1, 30, seed=22)
+    with torch.no_grad():
+        out = model(ids, use_cache=False, logits_to_keep=1)
+        whole = model(ids, use_cache=False).logits
+    assert short_segments == [1, 1]
+    assert out.cache is None and out.logits.shape == (1, 1, model.config.vocab_size)
+    assert max_diff(out.logits[:, -1], whole[:, -1]) <= 1e-6
+
+
+def test_hidden_states_full_attention_and_short_inputs_take_the_one_pass_path(short_segments):
+    ids = random_ids(1, 30, seed=23)
+    with torch.no_grad():
+        constant_model()(ids, output_hidden_states=True)
+        constant_model()(ids[:, :16])  # not more than two segments
+        tiny_model("full", layer_types=[*CONSTANT_LAYERS, "full_attention"], num_hidden_layers=4)(ids)
+    assert short_segments == []
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_a_long_continuation_of_a_full_window_attends_blockwise_and_exactly(monkeypatch, implementation):
+    import sonett.model.attention_sonett as attention
+
+    calls = []
+    original = attention.blocked_local_attention
+
+    def counting(module, query, key, value, *args, **kwargs):
+        calls.append(key.shape[2] - query.shape[2])  # the cached keys before the queries
+        return original(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "blocked_local_attention", counting)
+    model = constant_model(attn_implementation=implementation)
+    ids = random_ids(2, 31, seed=24)
+    with torch.no_grad():
+        want = model(ids).logits
+        cache = model(ids[:, :10], use_cache=True).cache
+        got = model(ids[:, 10:], cache=cache).logits
+    assert 3 in calls  # window 4: the continuation's keys start with the 3 cached ones
+    assert max_diff(got, want[:, 10:]) <= 1e-5

@@ -40,6 +40,13 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     return expanded.reshape(batch, kv_heads * n_rep, seq_len, head_dim)
 
 
+def window_is_full(layer: object, window: int) -> bool:
+    """Whether a dynamic window cache layer holds exactly the `window - 1` keys before the next token (after a
+    prompt of at least that length), so that a long continuation can attend blockwise (`blocked_local_attention`)."""
+    keys = getattr(layer, "keys", None)
+    return isinstance(layer, DynamicSlidingWindowLayer) and keys is not None and keys.shape[-2] == window - 1
+
+
 class BlockedLocalMask:
     """Mask marker for a long windowed prefill with no padding and an empty cache.
 
@@ -147,6 +154,36 @@ def blocked_local_attention(
         out = out.view(batch, n, kv_heads, groups, window, head_dim).permute(0, 1, 4, 2, 3, 5)
         return out.reshape(batch, n * window, heads, head_dim)[:, :length]
 
+    needs_grad = query.requires_grad or key.requires_grad or value.requires_grad
+    step = seq_len if needs_grad else max(1, PREFILL_CHUNK_TOKENS // window) * window
+    if key.shape[2] == seq_len + window - 1:
+        # A cache holds the window's W - 1 keys before the queries: one zero key in front makes the keys the
+        # queries' blocks shifted by exactly one block, so every query block pairs with the W keys before it and its
+        # own (the zero key is never visible: the band hides column 0 from every row).
+        key, value = (nn.functional.pad(x, (0, 0, 1, 0)) for x in (key, value))
+        output = query.new_empty(batch, seq_len, heads, head_dim) if not needs_grad else None
+        pieces = []
+        for start in range(0, seq_len, step):
+            stop = min(start + step, seq_len)
+            out = attend_blocks(
+                query_blocks(start, stop),
+                key_pairs(key, window + start, window + stop),
+                key_pairs(value, window + start, window + stop),
+                mask,
+                scaling,
+                dropout,
+                use_sdpa,
+            )
+            if output is None:
+                pieces.append(unfolded(out, stop - start))
+            else:
+                output[:, start:stop] = unfolded(out, stop - start)
+        return (torch.cat(pieces, dim=1) if output is None else output), None
+    if key.shape[2] != seq_len:
+        raise ValueError(
+            f"blocked_local_attention: {key.shape[2]} keys for {seq_len} queries; it takes as many keys as queries, "
+            f"or the window's {window - 1} cached keys before them."
+        )
     first = min(window, seq_len)
     first_out = attend_blocks(
         query_blocks(0, first),
@@ -158,8 +195,6 @@ def blocked_local_attention(
         use_sdpa,
     )
     pieces = [unfolded(first_out, first)]
-    needs_grad = query.requires_grad or key.requires_grad or value.requires_grad
-    step = seq_len if needs_grad else max(1, PREFILL_CHUNK_TOKENS // window) * window
     output = None if needs_grad else query.new_empty(batch, seq_len, heads, head_dim)
     if output is not None:
         output[:, :first] = pieces.pop()
@@ -404,7 +439,7 @@ class SonettAttention(nn.Module):
             and seq_len > 2 * window
             and config._attn_implementation in ("eager", "sdpa")
             and not config.adaptive_span
-            and (cache is None or cache.get_seq_length(mask_kwargs["layer_idx"]) == 0)
+            and (cache is None or cache.get_seq_length(mask_kwargs["layer_idx"]) == 0 or window_is_full(layer, window))
             and (attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all())))
         ):
             return BlockedLocalMask(window)

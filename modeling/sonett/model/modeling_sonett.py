@@ -642,6 +642,9 @@ def check_token_ids(config: SonettConfig, input_ids: torch.Tensor) -> None:
 
 
 PACKING_BACKENDS = ("eager", "sdpa", "flex_attention")
+# A no-grad forward over more than twice this many tokens of a constant-state model runs segment by segment through
+# the cache (`SonettModel._segmented_prefill`).
+PREFILL_SEGMENT_TOKENS = 2048
 # Token ids and labels: the dtypes the embedding and cross_entropy take.
 ID_DTYPES = (torch.int64, torch.int32)
 
@@ -1124,6 +1127,12 @@ class SonettModel(SonettPreTrainedModel):
         if documents is not None:
             check_packing(self.config, cache_requested, from_mask=mask_documents is not None)
             use_cache = False
+        if (
+            not output_hidden_states
+            and not output_attentions
+            and self._prefills_in_segments(input_ids, inputs_embeds, attention_mask, cache, kwargs, image_tokens)
+        ):
+            return self._segmented_prefill(input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache)
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -1162,6 +1171,75 @@ class SonettModel(SonettPreTrainedModel):
             hidden_states=all_hidden_states,
             attentions=record.attentions(),
         )
+
+    def _prefills_in_segments(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: SonettCache | None,
+        kwargs: dict,
+        image_tokens: torch.Tensor | None,
+    ) -> bool:
+        """Whether this call runs as `_segmented_prefill`: no gradients, a long input (more than two segments), a
+        model whose every layer keeps a constant-size state (linear, sliding and memory attention: no full-attention
+        KV cache that segments would have to attend to, no hierarchy, no images), a 2-D mask or none, no static
+        cache, and nothing asked of the layers (hidden states and attention maps come from the one-pass path)."""
+        tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        return (
+            not torch.is_grad_enabled()
+            and tokens > 2 * PREFILL_SEGMENT_TOKENS
+            and "full_attention" not in self.config.layer_types
+            and self.hourglass is None
+            and not self.cross_attention_blocks
+            and image_tokens is None
+            and (attention_mask is None or attention_mask.dim() == 2)
+            and not isinstance(cache, SonettStaticCache)
+            and not kwargs
+            and not torch.compiler.is_compiling()
+        )
+
+    def _segmented_prefill(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: SonettCache | None,
+        use_cache: bool,
+    ) -> BaseModelOutputWithPast:
+        """A long no-grad input of a constant-state model, `PREFILL_SEGMENT_TOKENS` at a time through the cache.
+
+        Every layer keeps a constant-size state, so feeding the input segment by segment is the chunked prefill of
+        docs/design.md, invariant 1 (equal to one pass within 1e-4), and only one segment's activations exist at a
+        time: a long prompt prefills in memory that does not grow with its length beyond the hidden states it returns
+        (docs/benchmarks.md, prefill memory). Returns what the one-pass forward returns.
+        """
+        source = input_ids if input_ids is not None else inputs_embeds
+        batch, tokens = source.shape[:2]
+        if cache is None:
+            cache = self.make_cache()  # internal when use_cache is False: it carries the states between segments
+        past = int(cache.get_seq_length())
+        hidden = None
+        for start in range(0, tokens, PREFILL_SEGMENT_TOKENS):
+            piece = slice(start, start + PREFILL_SEGMENT_TOKENS)
+            out = inspect.unwrap(
+                SonettModel.forward
+            )(  # the body only: hooks and decorators ran for the whole call
+                self,
+                input_ids=input_ids[:, piece] if input_ids is not None else None,
+                inputs_embeds=inputs_embeds[:, piece] if inputs_embeds is not None else None,
+                attention_mask=None if attention_mask is None else attention_mask[:, : past + min(piece.stop, tokens)],
+                position_ids=None if position_ids is None else position_ids[:, piece],
+                cache=cache,
+                use_cache=True,
+                output_hidden_states=False,
+            )
+            state = out.last_hidden_state
+            if hidden is None:
+                hidden = state.new_empty(batch, tokens, state.shape[-1])
+            hidden[:, piece] = state
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
 
     @contextmanager
     def _eager_attention(self):
