@@ -23,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from collections.abc import Callable
 
 import torch
@@ -86,8 +87,27 @@ def cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+def reset_peak_rss() -> bool:
+    """Start the process's peak resident memory afresh from its current size (Linux: `/proc/self/clear_refs`).
+
+    Needed because the peak a process reports is inherited across fork and exec: a worker started by a benchmark
+    that had trained models would otherwise report the parent's gigabytes. Returns False where it cannot be reset.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def peak_rss_bytes() -> int:
-    """The process's peak resident memory so far."""
+    """The process's peak resident memory since the last `reset_peak_rss` (or since it started)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -115,6 +135,7 @@ def measure(model_name: str, preset: str, context: int, decode_tokens: int, pref
     ids = torch.randint(10, model.config.vocab_size, (1, context), generator=generator)
     model(ids[:, :64], use_cache=True)  # warm-up: kernels, allocator
 
+    reset_peak_rss()
     resident_before = psutil.Process().memory_info().rss
     started = time.perf_counter()
     if prefill_chunk:  # the same chunked prefill for both models, through their caches
@@ -451,5 +472,6 @@ __all__ = [
     "measure_in_fresh_process",
     "measure_training",
     "peak_rss_bytes",
+    "reset_peak_rss",
     "training_table",
 ]
