@@ -64,14 +64,17 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def matmul_peak_flops(sizes: tuple[int, ...] = PEAK_SIZES, repeats: int = 5) -> float:
+def matmul_peak_flops(sizes: tuple[int, ...] = PEAK_SIZES, repeats: int = 10, warm_up_seconds: float = 1.0) -> float:
     """The machine's fp32 matmul peak in FLOP/s on the current threads: the best of `repeats` `torch.mm` of square
-    fp32 matrices of each size (2 n^3 FLOPs each), after one warm-up product."""
+    fp32 matrices of each size (2 n^3 FLOPs each), after `warm_up_seconds` of products (an idle CPU needs a moment
+    to reach its sustained clock: one warm-up product measured a third less on this project's machine)."""
     best = 0.0
     for size in sizes:
         generator = torch.Generator().manual_seed(size)
         a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
-        torch.mm(a, b)  # warm-up
+        until = time.perf_counter() + warm_up_seconds
+        while time.perf_counter() < until:
+            torch.mm(a, b)
         for _ in range(repeats):
             started = time.perf_counter()
             torch.mm(a, b)
