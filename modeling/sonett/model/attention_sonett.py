@@ -156,63 +156,37 @@ def blocked_local_attention(
 
     needs_grad = query.requires_grad or key.requires_grad or value.requires_grad
     step = seq_len if needs_grad else max(1, PREFILL_CHUNK_TOKENS // window) * window
+    output = None if needs_grad else query.new_empty(batch, seq_len, heads, head_dim)
+    pieces = []
+
+    def emit(start: int, stop: int, out: torch.Tensor) -> None:
+        if output is None:
+            pieces.append(unfolded(out, stop - start))
+        else:
+            output[:, start:stop] = unfolded(out, stop - start)
+
     if key.shape[2] == seq_len + window - 1:
         # A cache holds the window's W - 1 keys before the queries: one zero key in front makes the keys the
         # queries' blocks shifted by exactly one block, so every query block pairs with the W keys before it and its
         # own (the zero key is never visible: the band hides column 0 from every row).
         key, value = (nn.functional.pad(x, (0, 0, 1, 0)) for x in (key, value))
-        output = query.new_empty(batch, seq_len, heads, head_dim) if not needs_grad else None
-        pieces = []
-        for start in range(0, seq_len, step):
-            stop = min(start + step, seq_len)
-            out = attend_blocks(
-                query_blocks(start, stop),
-                key_pairs(key, window + start, window + stop),
-                key_pairs(value, window + start, window + stop),
-                mask,
-                scaling,
-                dropout,
-                use_sdpa,
-            )
-            if output is None:
-                pieces.append(unfolded(out, stop - start))
-            else:
-                output[:, start:stop] = unfolded(out, stop - start)
-        return (torch.cat(pieces, dim=1) if output is None else output), None
-    if key.shape[2] != seq_len:
+        offset, begin = window, 0
+    elif key.shape[2] == seq_len:
+        # Block 0 has no block before it: it attends to itself under the causal half of the band.
+        first = min(window, seq_len)
+        first_mask = mask[:, window : window + first]
+        keys, values = key[:, :, :first], value[:, :, :first]
+        emit(0, first, attend_blocks(query_blocks(0, first), keys, values, first_mask, scaling, dropout, use_sdpa))
+        offset, begin = 0, window
+    else:
         raise ValueError(
             f"blocked_local_attention: {key.shape[2]} keys for {seq_len} queries; it takes as many keys as queries, "
             f"or the window's {window - 1} cached keys before them."
         )
-    first = min(window, seq_len)
-    first_out = attend_blocks(
-        query_blocks(0, first),
-        key[:, :, :first],
-        value[:, :, :first],
-        mask[:, window : window + first],
-        scaling,
-        dropout,
-        use_sdpa,
-    )
-    pieces = [unfolded(first_out, first)]
-    output = None if needs_grad else query.new_empty(batch, seq_len, heads, head_dim)
-    if output is not None:
-        output[:, :first] = pieces.pop()
-    for start in range(window, seq_len, step):
+    for start in range(begin, seq_len, step):
         stop = min(start + step, seq_len)
-        out = attend_blocks(
-            query_blocks(start, stop),
-            key_pairs(key, start, stop),
-            key_pairs(value, start, stop),
-            mask,
-            scaling,
-            dropout,
-            use_sdpa,
-        )
-        if output is None:
-            pieces.append(unfolded(out, stop - start))
-        else:
-            output[:, start:stop] = unfolded(out, stop - start)
+        pairs = [key_pairs(x, offset + start, offset + stop) for x in (key, value)]
+        emit(start, stop, attend_blocks(query_blocks(start, stop), *pairs, mask, scaling, dropout, use_sdpa))
     return (torch.cat(pieces, dim=1) if output is None else output), None
 
 

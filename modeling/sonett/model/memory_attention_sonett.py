@@ -148,26 +148,8 @@ def reference_memory_read(
     normalizer: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The pure-PyTorch oracle of `memory_read` (same arguments and results), chunk by chunk; used by the tests.
-
-    E is the P stored window tokens followed by the L new ones (P + L entries). Query i reads the memory plus
-    E[j] for j <= i - delay (delay = W - P >= 1); afterwards the memory holds E[0 .. L - delay], the entries that
-    leave the window, so that the last W - 1 tokens remain in the window. Without a cache, P = 0 and delay = W.
-
-    Args:
-        queries: raw (pre-RoPE) queries `(batch, heads, L, d)`.
-        keys: raw (pre-RoPE) keys of E `(batch, kv_heads, P + L, d)`.
-        values: values of E `(batch, kv_heads, P + L, d_v)`.
-        delay: the delay, >= 1.
-        update: `linear` or `delta`.
-        chunk_size: chunk length of the chunked form.
-        memory / normalizer: the state `(batch, kv_heads, d, d_v)` / `(batch, kv_heads, d)` before this step;
-            None for an empty memory.
-        key_mask: `(batch, P + L)`, False for padding, which never enters the memory; None when all are real.
-
-    Returns:
-        The readout `(batch, heads, L, d_v)` and the new (memory, normalizer), all fp32.
-    """
+    """The pure-PyTorch oracle of `memory_read` (same arguments, shapes and results), chunk by chunk over the entry
+    sequence delayed by `delay` (`chunked_memory_attention`); used by the tests."""
     if delay < 1:
         raise ValueError(f"reference_memory_read: delay must be >= 1, got {delay}.")
     batch, heads, length, dim = queries.shape
