@@ -83,6 +83,30 @@ def apply_feature_map(x: torch.Tensor, feature_map: str) -> torch.Tensor:
     return torch.cat([torch.ones_like(x[..., :1]), first, second], dim=-1)
 
 
+def split_into_chunks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """The fp32 inputs of the chunked forms, padded to whole chunks and cut into them.
+
+    q, k `(batch, heads, seq, d)`, v `(batch, heads, seq, head_dim)`, log_decay `(batch, heads, seq)`. Padding has
+    zero keys and values and zero log decay, so it changes neither the outputs nor the final state. A sequence shorter
+    than a chunk larger than `FULL_CHUNK_PADDING_MAX` is one chunk of its own length. Returns q, k, v
+    `(batch, heads, chunks, chunk, ·)`, the cumulative log decay L within each chunk `(batch, heads, chunks, chunk)`,
+    the chunk size used and the padding.
+    """
+    seq_len = q.shape[2]
+    q, k, v, g = (t.float() for t in (q, k, v, log_decay))
+    if chunk_size > max(seq_len, FULL_CHUNK_PADDING_MAX):
+        chunk_size = max(seq_len, 1)
+    pad = (-seq_len) % chunk_size
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        g = F.pad(g, (0, pad))
+    chunks = (seq_len + pad) // chunk_size
+    q, k, v = (t.unflatten(2, (chunks, chunk_size)) for t in (q, k, v))
+    return q, k, v, g.unflatten(2, (chunks, chunk_size)).cumsum(-1), chunk_size, pad
+
+
 def chunk_linear_attention(
     q_feat: torch.Tensor,
     k_feat: torch.Tensor,
@@ -119,18 +143,8 @@ def chunk_linear_attention(
     if resets is not None and not bool(resets.any()):
         resets = None
     with torch.autocast(device_type=q_feat.device.type, enabled=False):
-        q, k, values, g = (t.float() for t in (q_feat, k_feat, v, log_decay))
-        if chunk_size > max(seq_len, FULL_CHUNK_PADDING_MAX):
-            chunk_size = max(seq_len, 1)
-        pad = (-seq_len) % chunk_size
-        if pad:
-            q, k, values = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, values))
-            g = F.pad(g, (0, pad))
-        n_chunks = (seq_len + pad) // chunk_size
-        q = q.view(batch, heads, n_chunks, chunk_size, d_phi)
-        k = k.view(batch, heads, n_chunks, chunk_size, d_phi)
-        values = values.view(batch, heads, n_chunks, chunk_size, head_dim)
-        cum = g.view(batch, heads, n_chunks, chunk_size).cumsum(-1)  # L_i within each chunk
+        q, k, values, cum, chunk_size, pad = split_into_chunks(q_feat, k_feat, v, log_decay, chunk_size)
+        n_chunks = q.shape[2]
 
         # Intra-chunk: decay matrix exp(L_i - L_j) for j <= i, 0 above the diagonal (masked before exp).
         causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
@@ -235,18 +249,8 @@ def fused_chunk_linear_attention(
     if resets is not None and not bool(resets.any()):
         resets = None
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q, k, values, g = (t.float() for t in (q, k, v, log_decay))
-        if chunk_size > max(seq_len, FULL_CHUNK_PADDING_MAX):
-            chunk_size = max(seq_len, 1)
-        pad = (-seq_len) % chunk_size
-        if pad:  # padded tokens have zero values (they write nothing) and zero log decay
-            q, k, values = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, values))
-            g = F.pad(g, (0, pad))
-        n_chunks = (seq_len + pad) // chunk_size
-        q = q.view(batch, heads, n_chunks, chunk_size, d_f)
-        k = k.view(batch, heads, n_chunks, chunk_size, d_f)
-        values = values.view(batch, heads, n_chunks, chunk_size, head_dim)
-        cum = g.view(batch, heads, n_chunks, chunk_size).cumsum(-1)
+        q, k, values, cum, chunk_size, pad = split_into_chunks(q, k, v, log_decay, chunk_size)
+        n_chunks = q.shape[2]
 
         causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
         segment = None
