@@ -107,6 +107,20 @@ def split_into_chunks(
     return q, k, v, g.unflatten(2, (chunks, chunk_size)).cumsum(-1), chunk_size, pad
 
 
+def chunk_visibility(
+    resets: torch.Tensor | None, chunk_size: int, pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Which token of a chunk reads which: `(chunk, chunk)` causal, or with packed rows' `resets` `(batch, seq)`
+    `(batch, 1, chunks, chunk, chunk)`, and the segment index of each token `(batch, 1, chunks, chunk)` (None without
+    resets). `segment` counts the resets within the chunk up to each token: tokens read only their own segment, the
+    carried state reaches only segment 0, and only the last segment writes the state."""
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=device).tril()
+    if resets is None:
+        return causal, None
+    segment = F.pad(resets.to(device), (0, pad)).unflatten(1, (-1, chunk_size))[:, None].long().cumsum(-1)
+    return causal & (segment[..., :, None] == segment[..., None, :]), segment
+
+
 def chunk_linear_attention(
     q_feat: torch.Tensor,
     k_feat: torch.Tensor,
@@ -147,13 +161,7 @@ def chunk_linear_attention(
         n_chunks = q.shape[2]
 
         # Intra-chunk: decay matrix exp(L_i - L_j) for j <= i, 0 above the diagonal (masked before exp).
-        causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-        # With resets, `segment` counts the resets within the chunk up to each token: tokens read only their own
-        # segment, the carried state reaches only segment 0, and only the last segment writes the state.
-        segment = None
-        if resets is not None:
-            segment = F.pad(resets.to(q.device), (0, pad)).view(batch, 1, n_chunks, chunk_size).long().cumsum(-1)
-            causal = causal & (segment[..., :, None] == segment[..., None, :])
+        causal, segment = chunk_visibility(resets, chunk_size, pad, q.device)
         relative = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf"))
         scores = (q @ k.transpose(-1, -2)) * relative.exp()
         intra = scores @ values  # (batch, heads, chunks, chunk, head_dim)
@@ -252,11 +260,7 @@ def fused_chunk_linear_attention(
         q, k, values, cum, chunk_size, pad = split_into_chunks(q, k, v, log_decay, chunk_size)
         n_chunks = q.shape[2]
 
-        causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-        segment = None
-        if resets is not None:
-            segment = F.pad(resets.to(q.device), (0, pad)).view(batch, 1, n_chunks, chunk_size).long().cumsum(-1)
-            causal = causal & (segment[..., :, None] == segment[..., None, :])
+        causal, segment = chunk_visibility(resets, chunk_size, pad, q.device)
         decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
         intra = (feature_scores(q, k, feature_map) * decay) @ values
 
