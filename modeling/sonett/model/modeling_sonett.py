@@ -1130,6 +1130,7 @@ class SonettModel(SonettPreTrainedModel):
         if (
             not output_hidden_states
             and not output_attentions
+            and documents is None  # packed rows: a segment's cache would carry one document's state into the next
             and self._prefills_in_segments(input_ids, inputs_embeds, attention_mask, cache, kwargs, image_tokens)
         ):
             return self._segmented_prefill(input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache)
