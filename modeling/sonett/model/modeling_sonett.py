@@ -629,6 +629,22 @@ def check_position_limit(config: SonettConfig, position_ids: torch.Tensor) -> No
         )
 
 
+def _check_static_cache_room(cache: SonettCache | None, max_length: int, prompt_length: int) -> None:
+    """Raise a ValueError before the first step of `generate` when a static cache the caller passed cannot hold the
+    generation: its steps skip the per-step room check (docs/design.md, invariant 12), and a full static layer would
+    fail inside `index_copy_` (on a GPU, a device-side assert). The last generated token is never fed, so the cache
+    must hold `max_length - 1` tokens."""
+    if not isinstance(cache, SonettStaticCache) or "full_attention" not in cache.layer_types:
+        return
+    if max_length - 1 > cache.max_cache_len:
+        raise ValueError(
+            f"generate would grow the sequences to {max_length} tokens (prompt {prompt_length} + up to "
+            f"{max_length - prompt_length} new), but the static cache passed to it holds at most "
+            f"{cache.max_cache_len} tokens. Build it with model.make_cache('static', max_cache_len={max_length}), "
+            f"or lower max_new_tokens to {max(cache.max_cache_len + 1 - prompt_length, 0)} or less."
+        )
+
+
 def check_token_ids(config: SonettConfig, input_ids: torch.Tensor) -> None:
     """Raise a ValueError naming the first token id outside `[0, vocab_size)` (reads the ids back to the host)."""
     out_of_range = (input_ids < 0) | (input_ids >= config.vocab_size)
@@ -1659,6 +1675,8 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
         """
         cache = model_kwargs.get("cache")
         past = int(cache.get_seq_length()) if cache is not None else 0
+        if is_first_iteration:
+            _check_static_cache_room(cache, generation_config.max_length, input_ids.shape[1])
         if past > 0:
             embeds = model_kwargs.get("inputs_embeds")
             if embeds is not None and is_first_iteration:
