@@ -288,6 +288,15 @@ def fused_chunk_linear_attention(
     return out.to(v.dtype), state
 
 
+def writable_in_place(state: torch.Tensor) -> bool:
+    """Whether a decode step may update `state` `(batch, heads, d_phi, head_dim)` where it lies: fp32, contiguous, and
+    not an inference tensor outside `torch.inference_mode()` (a cache filled under inference mode and continued under
+    `torch.no_grad()`, which torch refuses to write in place; the out-of-place step then returns a normal tensor)."""
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        return False
+    return torch.compiler.is_compiling() or not state.is_inference() or torch.is_inference_mode_enabled()
+
+
 def recurrent_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -319,7 +328,7 @@ def recurrent_step(
         written = k_feat.transpose(-1, -2) @ values  # (batch, heads, d_phi, head_dim)
         if state is None:
             state = written
-        elif torch.is_grad_enabled() or state.dtype != torch.float32 or not state.is_contiguous():
+        elif torch.is_grad_enabled() or not writable_in_place(state):
             state = state.float() * log_decay.float().exp()[..., None] + written
         else:
             flat = state.view(batch * heads, d_phi, -1)
@@ -610,8 +619,7 @@ class SonettLinearAttention(nn.Module):
             and not self.reference_path
             and documents is None
             and recurrent_state is not None
-            and recurrent_state.dtype == torch.float32
-            and recurrent_state.is_contiguous()
+            and writable_in_place(recurrent_state)
             and (self.conv_size == 0 or conv_state is not None)
             and not self.use_fla(hidden_states)
             and all(type(module) is nn.Linear for module in self._projections())
