@@ -1,10 +1,12 @@
 """Fine-tune a Sonett model for sequence classification on a small set made on the fly.
 
-This is the README's classification example, verbatim (tests/test_task_heads.py runs it). It reads the folder
-that `make demo` writes, runs/sonett-tiny; the classification model lands in runs/sonett-sentiment.
+The classification example of docs/using.md as a script (tests/model/test_task_heads.py runs it). It reads the
+folder that `make demo` writes, runs/sonett-tiny; the classification model lands in runs/sonett-sentiment.
 """
 
 import random
+import sys
+from pathlib import Path
 
 from datasets import Dataset
 from transformers import (
@@ -16,6 +18,8 @@ from transformers import (
 )
 
 folder = "runs/sonett-tiny"
+if not (Path(folder) / "config.json").is_file():
+    sys.exit(f"{folder} holds no model: run `make demo` (or `sonett train`) first; this example fine-tunes it.")
 tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 # The causal LM's body with a new `score` head (transformers logs it as newly initialised).
 model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True, num_labels=2)

@@ -84,6 +84,13 @@ def test_a_bad_prompt_is_still_refused_by_name():
         model.generate(bad, max_new_tokens=2, do_sample=False, pad_token_id=PAD)
 
 
+def test_generate_keeps_the_signature_clients_inspect():
+    import inspect
+
+    parameters = inspect.signature(every_kind_model().generate).parameters
+    assert {"inputs", "generation_config", "logits_processor", "stopping_criteria"} <= set(parameters)
+
+
 def test_the_trap_catches_a_host_read():
     with host_reads_forbidden(), pytest.raises(HostReadError):
         bool(torch.ones(1))

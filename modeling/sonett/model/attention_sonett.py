@@ -28,7 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache_sonett import SonettStaticSlidingWindowLayer
 from .configuration_sonett import SonettConfig
-from .layers_sonett import PackedDocuments, apply_rotary_pos_emb, host_reads_allowed
+from .layers_sonett import PREFILL_PIECE_TOKENS, PackedDocuments, apply_rotary_pos_emb, host_reads_allowed
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -62,7 +62,7 @@ class BlockedLocalMask:
 # Without autograd (a prefill), `blocked_local_attention` runs over this many query tokens at a time, so that its
 # block copies and scores stay this size however long the prompt is. With autograd it makes one call: the
 # backward pass keeps every block anyway, and one call is the fastest.
-PREFILL_CHUNK_TOKENS = 2048
+PREFILL_CHUNK_TOKENS = PREFILL_PIECE_TOKENS
 
 
 def band_mask(window: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -461,20 +461,20 @@ class SonettAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE on query `(batch, heads, seq, head_dim)` and key `(batch, kv_heads, seq, head_dim)`.
 
-        Without autograd, a long input is rotated `PREFILL_CHUNK_TOKENS` positions at a time, each chunk written
-        back in place (query and key are this layer's own fresh projections), so that the temporaries of
-        `apply_rotary_pos_emb` (three or four query-sized ones in one call) stay chunk-sized and no second copy of
-        the query and key exists.
+        Without autograd, a long input is rotated `PREFILL_CHUNK_TOKENS` positions at a time into new tensors, so that
+        the temporaries of `apply_rotary_pos_emb` (three or four query-sized ones in one call) stay chunk-sized. The
+        projections' outputs are not written: a forward hook may hold them.
         """
         seq_len = query.shape[-2]
         if torch.is_grad_enabled() or seq_len <= PREFILL_CHUNK_TOKENS:
             return apply_rotary_pos_emb(query, key, cos, sin)
+        rotated_query, rotated_key = torch.empty_like(query), torch.empty_like(key)
         for start in range(0, seq_len, PREFILL_CHUNK_TOKENS):
             part = slice(start, start + PREFILL_CHUNK_TOKENS)
-            query[:, :, part], key[:, :, part] = apply_rotary_pos_emb(
+            rotated_query[:, :, part], rotated_key[:, :, part] = apply_rotary_pos_emb(
                 query[:, :, part], key[:, :, part], cos[:, part], sin[:, part]
             )
-        return query, key
+        return rotated_query, rotated_key
 
     def attend(
         self,

@@ -46,9 +46,12 @@ class SonettRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-# Without autograd (a prefill), `SonettMLP` runs an input of more tokens than this a chunk of them at a time, so
-# that its `(tokens, intermediate_size)` activations are never all alive at once.
-MLP_CHUNK_TOKENS = 2048
+# Without autograd (a prefill), the parts of a layer whose intermediates outgrow the hidden states (the MLP, RoPE,
+# windowed attention, linear attention) and a constant-state model as a whole run a long input this many tokens at a
+# time, with the same result (docs/design.md, invariant 11). Each part names its own copy of it, which tests set.
+PREFILL_PIECE_TOKENS = 2048
+# `SonettMLP`'s piece: its `(tokens, intermediate_size)` activations are never all alive at once.
+MLP_CHUNK_TOKENS = PREFILL_PIECE_TOKENS
 
 
 class SonettMLP(nn.Module):
@@ -183,6 +186,7 @@ def apply_rotary_pos_emb(
 
 __all__ = [
     "GENERATE_VALIDATED",
+    "PREFILL_PIECE_TOKENS",
     "PackedDocuments",
     "SonettMLP",
     "SonettRMSNorm",

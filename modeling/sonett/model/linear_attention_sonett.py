@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import logging
 
 from .configuration_sonett import SonettConfig
-from .layers_sonett import PackedDocuments, SonettRMSNorm, host_reads_allowed
+from .layers_sonett import PREFILL_PIECE_TOKENS, PackedDocuments, SonettRMSNorm, host_reads_allowed
 
 logger = logging.get_logger(__name__)
 
@@ -51,7 +51,7 @@ INITIAL_MEMORY_RANGE = (32.0, 1024.0)
 FULL_CHUNK_PADDING_MAX = 256
 # Without gradients, a longer input runs the chunked form over segments of about this many tokens (whole chunks),
 # so a long prefill holds the per-token intermediates of one segment at a time (docs/benchmarks.md, prefill memory).
-PREFILL_SEGMENT = 2048
+PREFILL_SEGMENT = PREFILL_PIECE_TOKENS
 
 
 def fla_available() -> bool:

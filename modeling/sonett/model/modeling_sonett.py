@@ -48,6 +48,7 @@ from .cross_attention_sonett import SonettCrossAttentionBlock
 from .hierarchy_sonett import ShortenedPlacement, SonettHourglass, SonettUpsampleProjection
 from .layers_sonett import (
     GENERATE_VALIDATED,
+    PREFILL_PIECE_TOKENS,
     PackedDocuments,
     SonettMLP,
     SonettRMSNorm,
@@ -660,7 +661,7 @@ def check_token_ids(config: SonettConfig, input_ids: torch.Tensor) -> None:
 PACKING_BACKENDS = ("eager", "sdpa", "flex_attention")
 # A no-grad forward over more than twice this many tokens of a constant-state model runs segment by segment through
 # the cache (`SonettModel._segmented_prefill`).
-PREFILL_SEGMENT_TOKENS = 2048
+PREFILL_SEGMENT_TOKENS = PREFILL_PIECE_TOKENS
 # Token ids and labels: the dtypes the embedding and cross_entropy take.
 ID_DTYPES = (torch.int64, torch.int32)
 
@@ -1626,6 +1627,8 @@ class SonettForCausalLM(SonettPreTrainedModel, GenerationMixin):
             return super().generate(*args, **kwargs)
         finally:
             GENERATE_VALIDATED.reset(token)
+
+    generate.__wrapped__ = GenerationMixin.generate  # `inspect.signature(model.generate)` names transformers' arguments
 
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         """Check the prompt once per `generate` call, before positions are derived from it: its token ids and the
